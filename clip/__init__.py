@@ -1,0 +1,13 @@
+"""CLIP training library with OpenAI's `clip` API.
+
+    import clip
+    model, preprocess = clip.load("ViT-B/32")
+
+Importing `clip` loads torch and the model code only: never Hydra, wandb or webdataset.
+"""
+
+from clip.models import CLIP, list_models
+
+__version__ = "0.1.0"
+
+__all__ = ["CLIP", "list_models", "__version__"]

@@ -1,0 +1,131 @@
+"""Typed configuration dataclasses.
+
+This module imports neither torch nor Hydra: it is read by `clip.create_model` (plain Python) and by
+the trainer, where Hydra composes YAML + CLI overrides and `OmegaConf.to_object` turns them into these
+classes. Field names are the config keys users type (`model.vision.width=1024`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+VISION_KINDS = ("vit", "resnet", "timm")
+ACTIVATIONS = ("gelu", "quick_gelu")
+
+
+@dataclass
+class VisionConfig:
+    """Image tower. `kind` selects which of the fields below apply."""
+
+    kind: str = "vit"  # "vit" | "resnet" | "timm"
+    image_size: int = 224
+    # ViT: token width. ResNet: stem width (64 for RN50); stage widths are 1x, 2x, 4x, 8x that.
+    width: int = 768
+    # ViT: number of residual attention blocks.
+    layers: int = 12
+    # ResNet: bottleneck blocks per stage, e.g. [3, 4, 6, 3] for RN50.
+    stage_blocks: list[int] = field(default_factory=list)
+    # ViT: square patch side in pixels.
+    patch_size: int = 16
+    # ViT blocks and the ResNet attention pool: heads = width // head_width (64 as in OpenAI's models).
+    head_width: int = 64
+    mlp_ratio: float = 4.0
+    # FLIP (arXiv:2212.00794): fraction of patch tokens dropped at random in training; ViT only.
+    patch_dropout: float = 0.0
+    # timm: any `timm.create_model` name; the tower is the trunk's pooled output + a linear projection.
+    timm_model: str = ""
+    # Loads timm's ImageNet weights for the trunk (downloads; never in tests).
+    timm_pretrained: bool = False
+
+    @property
+    def heads(self) -> int:
+        # ResNet attention pooling runs on the 32x stem-width features (2048 channels for RN50).
+        pooled_width = self.width * 32 if self.kind == "resnet" else self.width
+        return pooled_width // self.head_width
+
+    @property
+    def grid_size(self) -> int:
+        """ViT: patches per side. ResNet: side of the final feature map (stride 32)."""
+        if self.kind == "vit":
+            return self.image_size // self.patch_size
+        return self.image_size // 32
+
+    @property
+    def mlp_width(self) -> int:
+        # int() truncation matches OpenCLIP for fractional ratios (ViT-g-14: 1408 * 4.3637 -> 6144).
+        return int(self.width * self.mlp_ratio)
+
+
+@dataclass
+class TextConfig:
+    """Causal text Transformer pooled at the end-of-text token."""
+
+    context_length: int = 77
+    vocab_size: int = 49408
+    width: int = 512
+    heads: int = 8
+    layers: int = 12
+    mlp_ratio: float = 4.0
+    # "openai" for OpenAI's CLIP BPE, or a path to any `tokenizers` tokenizer.json.
+    tokenizer: str = "openai"
+    # Features are read at the first occurrence of this id (OpenAI: 49407, the largest id, so this
+    # equals OpenAI's `argmax` pooling).
+    eot_token_id: int = 49407
+
+    @property
+    def mlp_width(self) -> int:
+        return int(self.width * self.mlp_ratio)
+
+
+@dataclass
+class ModelConfig:
+    """A CLIP: two towers projected into a shared `embed_dim` space, plus a learned temperature."""
+
+    embed_dim: int = 512
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    # OpenAI's models use QuickGELU (x * sigmoid(1.702 x)); OpenCLIP's default is exact GELU.
+    activation: str = "gelu"
+    # logit_scale is a log-temperature: exp(init_logit_scale) = 1/0.07 multiplies the cosine similarities.
+    init_logit_scale: float = math.log(1 / 0.07)
+    # SigLIP's learned bias (arXiv:2303.15343, init -10); None: no bias parameter.
+    init_logit_bias: Optional[float] = None
+
+
+def validate_model_config(cfg: ModelConfig, prefix: str = "model") -> None:
+    """Raise ValueError naming the offending key when fields contradict each other."""
+    v, t = cfg.vision, cfg.text
+    problems = []
+    if v.kind not in VISION_KINDS:
+        problems.append(f"{prefix}.vision.kind={v.kind!r} is not one of {VISION_KINDS}")
+    if cfg.activation not in ACTIVATIONS:
+        problems.append(f"{prefix}.activation={cfg.activation!r} is not one of {ACTIVATIONS}")
+    if v.kind == "vit":
+        if v.image_size % v.patch_size:
+            problems.append(
+                f"{prefix}.vision.image_size={v.image_size} is not a multiple of "
+                f"{prefix}.vision.patch_size={v.patch_size}"
+            )
+        if v.width % v.head_width:
+            problems.append(
+                f"{prefix}.vision.width={v.width} is not a multiple of {prefix}.vision.head_width={v.head_width}"
+            )
+        if not 0.0 <= v.patch_dropout < 1.0:
+            problems.append(f"{prefix}.vision.patch_dropout={v.patch_dropout} must be in [0, 1)")
+    if v.kind == "resnet":
+        if len(v.stage_blocks) != 4:
+            problems.append(f"{prefix}.vision.stage_blocks={v.stage_blocks} must list 4 stage depths")
+        if v.image_size % 32:
+            problems.append(f"{prefix}.vision.image_size={v.image_size} must be a multiple of 32 for a ResNet")
+    if v.kind == "timm" and not v.timm_model:
+        problems.append(f"{prefix}.vision.timm_model must name a timm model when {prefix}.vision.kind='timm'")
+    if v.kind != "vit" and v.patch_dropout:
+        problems.append(f"{prefix}.vision.patch_dropout is for ViT towers only (kind={v.kind!r})")
+    if t.width % t.heads:
+        problems.append(f"{prefix}.text.width={t.width} is not a multiple of {prefix}.text.heads={t.heads}")
+    if not 0 <= t.eot_token_id < t.vocab_size:
+        problems.append(f"{prefix}.text.eot_token_id={t.eot_token_id} is outside the vocabulary of {t.vocab_size}")
+    if problems:
+        raise ValueError("invalid model config: " + "; ".join(problems))

@@ -1,0 +1,95 @@
+"""CLIP: an image tower and a causal text tower projected into one space, with a learned temperature.
+
+The text tower's parameters sit at the top level of the module (`token_embedding`,
+`positional_embedding`, `transformer`, `ln_final`, `text_projection`) and the image tower under
+`visual`, exactly as in OpenAI's checkpoints, so OpenAI and OpenCLIP state dicts load with no
+renaming and our state dicts load in their code.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clip.config import ModelConfig, validate_model_config
+from clip.models.layers import LayerNorm, Transformer, get_activation
+from clip.models.vision import build_vision_tower
+
+
+class CLIP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        validate_model_config(cfg)
+        self.config = cfg
+        activation = get_activation(cfg.activation)
+        self.visual = build_vision_tower(cfg.vision, cfg.embed_dim, activation)
+
+        text = cfg.text
+        self.context_length = text.context_length
+        self.eot_token_id = text.eot_token_id
+        self.token_embedding = nn.Embedding(text.vocab_size, text.width)
+        self.positional_embedding = nn.Parameter(torch.empty(text.context_length, text.width))
+        self.transformer = Transformer(text.width, text.layers, text.heads, text.mlp_width, activation)
+        self.ln_final = LayerNorm(text.width)
+        self.text_projection = nn.Parameter(torch.empty(text.width, cfg.embed_dim))
+
+        # A log-temperature: the logits are exp(logit_scale) * cosine similarity.
+        self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
+        self.logit_bias = None
+        if cfg.init_logit_bias is not None:
+            self.logit_bias = nn.Parameter(torch.tensor(float(cfg.init_logit_bias)))
+        self._init_text_parameters()
+
+    def _init_text_parameters(self) -> None:
+        # OpenAI's initialisation of the text tower; residual-branch outputs are scaled down by
+        # sqrt(2 * layers) so the residual stream's variance stays O(1) with depth.
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        width, layers = self.transformer.width, self.transformer.layers
+        proj_std = width**-0.5 * (2 * layers) ** -0.5
+        attn_std = width**-0.5
+        fc_std = (2 * width) ** -0.5
+        for block in self.transformer.resblocks:
+            nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
+            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+        nn.init.normal_(self.text_projection, std=width**-0.5)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """dtype of the weights (inputs are cast to it, as in OpenAI's API)."""
+        return self.text_projection.dtype
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.visual.set_grad_checkpointing(enable)
+        self.transformer.grad_checkpointing = enable
+
+    def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        features = self.visual(image.to(self.dtype))  # [B, E]
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """Token ids [B, L] (L <= context_length, each row holding an end-of-text token) -> [B, E]."""
+        batch, length = text.shape
+        if length > self.context_length:
+            raise ValueError(f"text has {length} tokens, more than the model's context_length={self.context_length}")
+        x = self.token_embedding(text).to(self.dtype)  # [B, L, D]
+        x = x + self.positional_embedding[:length].to(x.dtype)
+        x = self.transformer(x, is_causal=True)
+        # Causal attention makes the end-of-text position a summary of the whole caption. Pooling
+        # before ln_final is equivalent to OpenAI's order (LayerNorm acts per position) and cheaper.
+        eot_position = (text == self.eot_token_id).int().argmax(dim=-1)  # [B], first end-of-text
+        x = self.ln_final(x[torch.arange(batch, device=x.device), eot_position])  # [B, D]
+        features = x @ self.text_projection  # [B, E]
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """OpenAI's contract: (logits_per_image [N_img, N_txt], logits_per_text [N_txt, N_img])."""
+        image_features = self.encode_image(image, normalize=True)
+        text_features = self.encode_text(text, normalize=True)
+        logits_per_image = self.logit_scale.exp() * image_features @ text_features.t()
+        if self.logit_bias is not None:
+            logits_per_image = logits_per_image + self.logit_bias
+        return logits_per_image, logits_per_image.t()
