@@ -1,0 +1,701 @@
+"""train(cfg): build everything, then one step-based loop.
+
+    python scripts/train.py +experiment=smoke output_dir=runs/smoke      # or call train(TrainConfig)
+
+Read top to bottom: checks that need no side effects, the process group, the run directory and
+resume decision, the model (locked towers, activation checkpointing, compile, then DDP/FSDP2), the
+optimizer, the data, then the loop. Each step: forward/backward over the global batch (GradCache
+micro-batches), gradient norm, the next batch, one tiny all-gather that makes every rank agree on
+[has next batch, step finite, stop requested], then the update (or a skip on every rank), logging,
+evaluation and checkpointing. See docs/training.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import faulthandler
+import hashlib
+import json
+import logging
+import math
+import os
+import signal
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+import clip
+from clip.checkpoint import (
+    find_latest,
+    find_resumable,
+    get_rng_state,
+    list_committed,
+    load_checkpoint,
+    load_file,
+    remove_stale,
+    save_checkpoint,
+    set_rng_state,
+)
+from clip.config import (
+    CheckpointConfig,
+    ConfigError,
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+    TrainModelConfig,
+    get_batch_plan,
+    validate_train_config,
+)
+from clip.distributed import (
+    all_ranks_agree,
+    apply_data_parallel,
+    barrier,
+    destroy_distributed,
+    exchange_step_control,
+    get_device,
+    init_distributed,
+    read_launch_env,
+)
+from clip.logger import MetricsLogger, setup_console_logging
+from clip.models import CLIP
+from clip.precision import build_grad_scaler, get_autocast
+
+logger = logging.getLogger(__name__)
+
+MAX_LOGIT_SCALE = math.log(100.0)  # temperature floor of 0.01 (CLIP paper, section 2.5)
+EXIT_DIVERGED = 3
+EXIT_PREEMPTED = 143  # 128 + SIGTERM, what schedulers expect of a job that stopped on request
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive (or total) steps had a non-finite loss or gradient norm."""
+
+
+@dataclass
+class TrainResult:
+    step: int
+    preempted: bool
+    output_dir: Path
+    metrics: dict[str, float] = field(default_factory=dict)  # the last evaluation's
+
+
+@dataclass
+class _Counters:
+    """Progress saved in every checkpoint."""
+
+    step: int = 0  # optimizer steps taken or skipped: the step of the last batch consumed
+    samples_seen: int = 0
+    epoch: int = 0
+    nonfinite_steps: int = 0
+    consecutive_nonfinite: int = 0
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Train (or resume) the run in `cfg.output_dir`; see the module docstring."""
+    # --- checks with no side effects: a config error leaves no run directory and no process group
+    validate_train_config(cfg)
+    launch = read_launch_env()
+    per_device_batch, num_microbatches = get_batch_plan(cfg, launch.world_size)
+    run_dir = Path(cfg.output_dir)
+    checkpoint_dir = run_dir / "checkpoints"
+    resume_from = _get_resume_source(cfg.checkpoint, checkpoint_dir)
+
+    # --- process group, determinism, run directory
+    device = get_device(cfg.device, launch.local_rank)
+    init_distributed(cfg.dist, launch, device)
+    rank, world_size, is_main = launch.rank, launch.world_size, launch.rank == 0
+    setup_console_logging(is_main)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    torch.use_deterministic_algorithms(cfg.deterministic)
+    if is_main:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale(checkpoint_dir)
+        (run_dir / "config.yaml").write_text(_to_yaml(dataclasses.asdict(cfg)))
+    barrier()
+    if resume_from is not None:
+        resume_from = _choose_resumable(resume_from, checkpoint_dir, rank, device)
+    logger.info(
+        "world size %d (%s), device %s: global batch %d = %d per device x %d devices, %d GradCache micro-batch(es) of %d",
+        world_size, launch.launcher, device, cfg.global_batch_size, per_device_batch, world_size,
+        num_microbatches, per_device_batch // num_microbatches,
+    )
+
+    # --- model: identical initial weights on every rank, then parallelism applied from outside
+    torch.manual_seed(cfg.seed)
+    model_config = to_model_config(cfg.model)
+    model = CLIP(model_config).to(device)
+    if cfg.checkpoint.init_from and resume_from is None:
+        _init_weights(model, cfg.checkpoint.init_from)
+    apply_tower_lock(model, lock_image=cfg.lock_image, lock_text=cfg.lock_text)
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    objective = build_objective(model)
+    if cfg.compile:
+        objective.compile()
+    wrapped = apply_data_parallel(objective, cfg.dist, device)
+    optimizer = build_optimizer(model, cfg.optim)
+    scaler = build_grad_scaler(cfg.precision, device)
+    autocast = get_autocast(cfg.precision, device)
+    loss_fn = build_loss_fn(cfg, rank=rank, world_size=world_size)
+    # Each rank draws its own randomness (augmentation, patch dropout) from here on.
+    torch.manual_seed(cfg.seed + rank)
+
+    # --- data
+    loader = build_train_loader(cfg, model_config, per_device_batch=per_device_batch, rank=rank, world_size=world_size)
+    max_steps = cfg.max_steps or math.ceil(cfg.num_epochs * get_steps_per_epoch(cfg, loader))
+
+    # --- resume: restores model, optimizer, scaler, counters, this rank's RNGs and data position
+    counters = _Counters()
+    run_id = uuid.uuid4().hex[:12]
+    if resume_from is not None:
+        counters, run_id = _restore(resume_from, cfg, model, optimizer, scaler, loader, rank, world_size)
+        if cfg.checkpoint.init_from:
+            logger.info("resuming from %s at step %d (init_from ignored)", resume_from, counters.step)
+        else:
+            logger.info("resuming from %s at step %d", resume_from, counters.step)
+
+    metrics_logger = MetricsLogger(
+        run_dir, cfg.log, is_main=is_main, run_config=dataclasses.asdict(cfg), run_id=run_id
+    )
+    stop_request = StopRequest()
+    stop_request.install()
+    fault_here = cfg.fault.rank in (-1, rank)
+    checkpoint_meta = {"run_id": run_id, "world_size": world_size, "config_hash": _config_hash(cfg),
+                       "library_version": clip.__version__}
+
+    def save(step: int, data_state: Any) -> None:
+        assert_finite_state(model, optimizer, step)
+        model_state, optimizer_state = get_state_dict(
+            model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+        train_state = None
+        if is_main:
+            train_state = {
+                "model": model_state,
+                "optimizer": optimizer_state,
+                "scaler": scaler.state_dict() if scaler is not None else {},
+                "counters": dataclasses.asdict(counters),
+                "run_id": run_id,
+                "world_size": world_size,
+                "config": json.dumps(dataclasses.asdict(cfg)),
+                "model_config": json.dumps(dataclasses.asdict(model_config)),
+                "library_version": clip.__version__,
+            }
+        rank_state = {"rng": get_rng_state(), "data": data_state}
+        kill_phase = cfg.fault.kill_in_save_phase if fault_here and step == cfg.fault.kill_in_save_at_step else ""
+        path = save_checkpoint(
+            checkpoint_dir, step, train_state, rank_state, rank=rank, keep_last=cfg.checkpoint.keep_last,
+            manifest_extra=checkpoint_meta, fault_phase=kill_phase,
+        )
+        logger.info("saved checkpoint %s", path)
+
+    # --- the loop
+    wrapped.train()
+    apply_tower_lock(model, lock_image=cfg.lock_image, lock_text=cfg.lock_text)  # eval mode for locked towers
+    eval_metrics: dict[str, float] = {}
+    interval = _Interval()
+    data_iter = iter(loader)
+    batch, data_state = _next_batch(data_iter, loader, interval)
+    control = exchange_step_control(batch is not None, True, stop_request.requested, 0.0, device)
+    try:
+        while counters.step < max_steps and not control.stop:
+            if not control.has_batch:
+                # Some rank's epoch ended (or the run resumed at an epoch's end): every rank starts the
+                # next epoch at this same step, so no rank waits in a collective the others never join.
+                counters.epoch += 1
+                data_iter = _start_epoch(loader, counters.epoch)
+                batch, data_state = _next_batch(data_iter, loader, interval)
+                control = exchange_step_control(batch is not None, True, stop_request.requested, 0.0, device)
+                if not control.has_batch:
+                    raise RuntimeError(f"no training batch at the start of epoch {counters.epoch} on some rank")
+                continue
+            step = counters.step + 1
+            lr = get_lr(step, cfg.optim, max_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            _arm_watchdog(cfg.dist.watchdog_s)
+            if fault_here and step == cfg.fault.sleep_at_step:
+                time.sleep(cfg.fault.sleep_s)
+            images, texts = batch["images"].to(device, non_blocking=True), batch["texts"].to(device, non_blocking=True)
+            if fault_here and step in cfg.fault.nan_at_steps:
+                images = images * float("nan")
+            try:
+                if fault_here and step == cfg.fault.raise_at_step:
+                    raise torch.OutOfMemoryError("injected by fault.raise_at_step")
+                loss, grad_norm = train_step(
+                    wrapped, images, texts, loss_fn, num_microbatches=num_microbatches, autocast=autocast,
+                    scaler=scaler, optimizer=optimizer, grad_clip_norm=cfg.optim.grad_clip_norm,
+                )
+            except torch.OutOfMemoryError as error:
+                guidance = _oom_guidance(cfg, rank, step, per_device_batch, num_microbatches, device)
+                raise torch.OutOfMemoryError(guidance) from error
+            finite = math.isfinite(loss) and math.isfinite(grad_norm)
+            if fault_here and step == cfg.fault.signal_at_step:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+            # The next batch is fetched before the agreement so that "has a batch" rides along with
+            # "finite" and "stop" in one collective. The checkpoint records the consumed batch's position.
+            consumed_state = data_state
+            batch, data_state = _next_batch(data_iter, loader, interval)
+            control = exchange_step_control(batch is not None, finite, stop_request.requested, loss, device)
+
+            if control.finite:
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                clamp_logit_scale(model)
+                counters.consecutive_nonfinite = 0
+            else:
+                counters.nonfinite_steps += 1
+                counters.consecutive_nonfinite += 1
+                if scaler is not None:
+                    # Every rank backs off the loss scale together (local inf checks may differ under FSDP).
+                    scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+                logger.warning(
+                    "step %d: non-finite loss or gradient on rank(s) %s (losses %s, lr %.3g, logit_scale %.4f): skipped",
+                    step, list(control.nonfinite_ranks), _fmt_losses(control.losses), lr, _logit_scale(model),
+                )
+            optimizer.zero_grad(set_to_none=True)
+            counters.step = step
+            counters.samples_seen += cfg.global_batch_size
+            interval.num_steps += 1
+            _check_divergence(cfg, counters, control, lr, model, checkpoint_dir)
+
+            if step % cfg.log.every_steps == 0 or step == max_steps:
+                metrics = _train_metrics(control, lr, grad_norm, model, interval, cfg, counters, scaler)
+                metrics_logger.log(step, metrics)
+                metrics_logger.print(_console_line(step, max_steps, metrics))
+                interval = _Interval()
+            if cfg.eval.zero_shot and cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < max_steps:
+                eval_metrics = _evaluate(cfg, model, model_config, device, rank, world_size, autocast)
+                metrics_logger.log(step, eval_metrics)
+                metrics_logger.print(_eval_line(eval_metrics))
+                wrapped.train()
+                apply_tower_lock(model, lock_image=cfg.lock_image, lock_text=cfg.lock_text)
+                interval = _Interval()
+            if control.stop or step == max_steps or (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0):
+                save(step, consumed_state)
+            if fault_here and step == cfg.fault.kill_at_step:
+                os.kill(os.getpid(), signal.SIGKILL)
+        preempted = control.stop
+        _disarm_watchdog()
+        if preempted:
+            logger.warning("stop requested (signal %s): checkpoint at step %d written, exiting", stop_request.signum, counters.step)
+        else:
+            if cfg.eval.zero_shot:
+                eval_metrics = _evaluate(cfg, model, model_config, device, rank, world_size, autocast)
+                metrics_logger.log(counters.step, eval_metrics)
+                metrics_logger.print(_eval_line(eval_metrics))
+            if cfg.checkpoint.export and is_main:
+                export_final(model, model_config, run_dir / "export")
+    finally:
+        _disarm_watchdog()
+        stop_request.restore()
+        metrics_logger.close()
+    barrier()
+    destroy_distributed()
+    return TrainResult(step=counters.step, preempted=preempted, output_dir=run_dir, metrics=eval_metrics)
+
+
+def train_step(
+    wrapped: nn.Module,
+    images: torch.Tensor,
+    texts: torch.Tensor,
+    loss_fn: Any,
+    *,
+    num_microbatches: int,
+    autocast: Any,
+    scaler: torch.amp.GradScaler | None,
+    optimizer: torch.optim.Optimizer,
+    grad_clip_norm: float,
+) -> tuple[float, float]:
+    """Gradients of this rank's share of the global-batch loss; returns (loss, global grad norm).
+
+    The optimizer update is the caller's: it happens only if every rank's result is finite.
+    """
+    loss = forward_backward(wrapped, images, texts, loss_fn, num_microbatches, autocast=autocast, scaler=scaler)
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip_norm if grad_clip_norm > 0 else math.inf)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor holding the global norm
+        grad_norm = grad_norm.full_tensor()
+    return float(loss), float(grad_norm)
+
+
+# --- pieces owned by other modules (objective, loss, data, tokenizer, eval, export) -----------------
+
+
+def build_objective(model: CLIP) -> nn.Module:
+    return _PlaceholderObjective(model)
+
+
+def build_loss_fn(cfg: TrainConfig, *, rank: int, world_size: int) -> Any:
+    return None
+
+
+def forward_backward(wrapped, images, texts, loss_fn, num_microbatches, *, autocast, scaler) -> torch.Tensor:
+    # PLACEHOLDER until clip.objective lands: local InfoNCE without gather or GradCache.
+    with autocast():
+        image_features, text_features, logit_scale, _ = wrapped(images, texts)
+        logits = logit_scale * image_features @ text_features.t()
+        labels = torch.arange(len(logits), device=logits.device)
+        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    return loss.detach()
+
+
+class _PlaceholderObjective(nn.Module):
+    def __init__(self, model: CLIP):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images, texts):
+        return (
+            self.model.encode_image(images, normalize=True),
+            self.model.encode_text(texts, normalize=True),
+            self.model.logit_scale.exp(),
+            self.model.logit_bias,
+        )
+
+
+def build_train_loader(cfg: TrainConfig, model_config: ModelConfig, *, per_device_batch: int, rank: int, world_size: int):
+    raise NotImplementedError("PLACEHOLDER until the data branch lands")
+
+
+def get_steps_per_epoch(cfg: TrainConfig, loader: Any) -> int:
+    raise NotImplementedError("PLACEHOLDER until the data branch lands")
+
+
+def _start_epoch(loader: Any, epoch: int):
+    return iter(loader)
+
+
+def _evaluate(cfg, model, model_config, device, rank, world_size, autocast) -> dict[str, float]:
+    return {}
+
+
+def export_final(model: CLIP, model_config: ModelConfig, directory: Path) -> None:
+    pass
+
+
+# --- building blocks ------------------------------------------------------------------------------
+
+
+def to_model_config(cfg: TrainModelConfig) -> ModelConfig:
+    """The architecture without the trainer's `name` record (what CLIP and exports take)."""
+    return ModelConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(ModelConfig)})
+
+
+def apply_tower_lock(model: CLIP, *, lock_image: bool, lock_text: bool) -> None:
+    """LiT (arXiv:2111.07991): a locked tower gets no gradients and keeps eval mode (BatchNorm statistics)."""
+    towers = []
+    if lock_image:
+        towers.append([model.visual])
+    if lock_text:
+        towers.append([model.token_embedding, model.transformer, model.ln_final])
+    for modules in towers:
+        for module in modules:
+            module.eval()
+            module.requires_grad_(False)
+    if lock_text:
+        model.positional_embedding.requires_grad_(False)
+        model.text_projection.requires_grad_(False)
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW with decoupled weight decay on matrices and embeddings only.
+
+    No decay for parameters with fewer than 2 dimensions: LayerNorm/BatchNorm gains, biases, the
+    class token, logit_scale and logit_bias. Positional embeddings (2-D) decay, as in OpenCLIP's
+    training code that produced the reference results. The learning rate is set every step by get_lr.
+    """
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def get_lr(step: int, cfg: OptimConfig, max_steps: int) -> float:
+    """Learning rate of optimizer step `step` (1-based): linear warmup, then cosine to min_lr (or constant)."""
+    if step <= cfg.warmup_steps:
+        return cfg.lr * step / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    # The first step after warmup runs at the full rate; the decay ends at max_steps + 1.
+    progress = (step - cfg.warmup_steps - 1) / max(1, max_steps - cfg.warmup_steps)
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+@torch.no_grad()
+def clamp_logit_scale(model: CLIP) -> None:
+    """Keep the learned log-temperature in [0, ln 100] (CLIP paper: logits scaled by at most 100)."""
+    model.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
+
+
+def _logit_scale(model: CLIP) -> float:
+    value = model.logit_scale.detach()
+    return float(value.full_tensor() if hasattr(value, "full_tensor") else value)
+
+
+@torch.no_grad()
+def assert_finite_state(model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+    """Refuse to checkpoint non-finite parameters or optimizer moments (a bad state must never be `latest`)."""
+    tensors = [("parameter " + name, p) for name, p in model.named_parameters()]
+    for state in optimizer.state.values():
+        tensors += [(f"optimizer {key}", value) for key, value in state.items() if torch.is_tensor(value) and value.is_floating_point()]
+    for name, tensor in tensors:
+        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+        if not torch.isfinite(local).all():
+            raise NonFiniteLossError(f"step {step}: {name} holds non-finite values; refusing to checkpoint it")
+
+
+def _check_divergence(cfg: TrainConfig, counters: _Counters, control: Any, lr: float, model: CLIP, checkpoint_dir: Path) -> None:
+    too_many_in_row = counters.consecutive_nonfinite >= cfg.nan.max_consecutive
+    too_many = cfg.nan.max_total and counters.nonfinite_steps >= cfg.nan.max_total
+    if not (too_many_in_row or too_many):
+        return
+    first = counters.step - counters.consecutive_nonfinite + 1
+    latest = find_latest(checkpoint_dir)
+    what = f"steps {first}-{counters.step}" if too_many_in_row else f"{counters.nonfinite_steps} steps in total"
+    raise NonFiniteLossError(
+        f"non-finite loss at {what} on rank(s) {list(control.nonfinite_ranks)} "
+        f"(loss={_fmt_losses(control.losses)}, lr={lr:.3g}, logit_scale={_logit_scale(model):.4f}); "
+        f"last good checkpoint: {latest.name if latest else 'none'}"
+    )
+
+
+def _fmt_losses(losses: tuple[float, ...]) -> str:
+    return "[" + ", ".join(f"{value:.4g}" for value in losses) + "]"
+
+
+# --- resume ----------------------------------------------------------------------------------------
+
+# Keys whose change on resume does not change what the run computes (RELIABILITY.md G17).
+_BENIGN_CHANGES = (
+    "output_dir", "log", "eval", "checkpoint", "fault", "nan", "dist", "compile", "grad_checkpointing",
+    "deterministic", "num_threads", "device", "micro_batch_size",
+)
+
+
+def _get_resume_source(cfg: CheckpointConfig, checkpoint_dir: Path) -> Path | None:
+    """What this run resumes from (G4): its own newest checkpoint, else `resume=PATH`, else nothing."""
+    committed = list_committed(checkpoint_dir)
+    if cfg.resume == "never":
+        if committed:
+            raise ConfigError(
+                f"checkpoint.resume=never, but run dir {checkpoint_dir.parent} already has checkpoints up to "
+                f"step {committed[-1][0]}; use checkpoint.resume=auto, or a new output_dir"
+            )
+        return None
+    if committed:
+        return checkpoint_dir
+    if cfg.resume == "auto":
+        return None
+    path = Path(cfg.resume)
+    if not path.is_dir():
+        raise ConfigError(f"checkpoint.resume={cfg.resume}: no such checkpoint directory")
+    return path
+
+
+def _choose_resumable(source: Path, checkpoint_dir: Path, rank: int, device: torch.device) -> Path | None:
+    if source == checkpoint_dir:
+        return find_resumable(checkpoint_dir, rank, device)
+    if list_committed(source):  # a run's checkpoints/ directory
+        return find_resumable(source, rank, device)
+    return source
+
+
+def _restore(path, cfg, model, optimizer, scaler, loader, rank, world_size) -> tuple[_Counters, str]:
+    train_state, rank_state = load_checkpoint(path, rank)
+    _check_config_change(json.loads(train_state["config"]), dataclasses.asdict(cfg), train_state["world_size"],
+                         world_size, cfg.checkpoint.allow_config_change, path)
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, train_state["model"], options=options)
+    set_optimizer_state_dict(model, optimizer, train_state["optimizer"], options=options)
+    if scaler is not None and train_state["scaler"]:
+        scaler.load_state_dict(train_state["scaler"])
+    if _logit_scale(model) > MAX_LOGIT_SCALE or _logit_scale(model) < 0:
+        logger.warning("checkpoint logit_scale %.4f is outside [0, ln 100]: clamped", _logit_scale(model))
+        clamp_logit_scale(model)
+    set_rng_state(rank_state["rng"])
+    if rank_state["data"] is not None:
+        loader.load_state_dict(rank_state["data"])
+    return _Counters(**train_state["counters"]), train_state["run_id"]
+
+
+def _check_config_change(old: dict, new: dict, old_world: int, new_world: int, allowed: list[str], path: Path) -> None:
+    old_flat, new_flat = _flatten(old), _flatten(new)
+    old_flat["world_size"], new_flat["world_size"] = old_world, new_world
+    changes = {key: (old_flat.get(key), new_flat.get(key)) for key in sorted(old_flat.keys() | new_flat.keys())
+               if old_flat.get(key) != new_flat.get(key)}
+
+    def matches(key: str, prefixes) -> bool:
+        return any(key == prefix or key.startswith(prefix + ".") for prefix in prefixes)
+
+    unsafe = {key: change for key, change in changes.items() if not matches(key, _BENIGN_CHANGES)}
+    refused = {key: change for key, change in unsafe.items() if not matches(key, allowed)}
+    describe = lambda items: "; ".join(f"{key}: {a} -> {b}" for key, (a, b) in items.items())  # noqa: E731
+    if refused:
+        raise ConfigError(
+            f"resuming {path} with a config that changes the run: {describe(refused)}. "
+            f"Use the original values, a new output_dir, or accept with "
+            f"checkpoint.allow_config_change=[{','.join(refused)}]"
+        )
+    if unsafe:
+        logger.warning("resuming with accepted config changes: %s", describe(unsafe))
+    benign = {key: change for key, change in changes.items() if key not in unsafe}
+    if benign:
+        logger.info("resuming with changed settings: %s", describe(benign))
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _init_weights(model: CLIP, path: str) -> None:
+    raise NotImplementedError("PLACEHOLDER until the api branch lands")
+
+
+# --- data ---------------------------------------------------------------------------------------------
+
+
+def _next_batch(data_iter, loader, interval: "_Interval") -> tuple[dict | None, Any]:
+    """(batch, or None at the end of the data; the loader position after it). Waiting time is recorded."""
+    start = time.perf_counter()
+    batch = next(data_iter, None)
+    state = loader.state_dict() if batch is not None else None
+    interval.data_seconds += time.perf_counter() - start
+    return batch, state
+
+
+# --- signals and watchdog -------------------------------------------------------------------------
+
+
+class StopRequest:
+    """SIGTERM / SIGUSR1 set a flag (no I/O, no collectives in the handler); the loop acts on it at
+    the next step boundary, on every rank at the same step (G6). DataLoader workers forked from this
+    process inherit the handler but ignore the signal (`os.getpid()` differs)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.requested = False
+        self.signum: int | None = None
+        self._main_pid = os.getpid()
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if os.getpid() == self._main_pid:
+            self.requested = True
+            self.signum = signum
+
+    def install(self) -> None:
+        for signum in self.SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+
+def _arm_watchdog(timeout_s: int) -> None:
+    """If the next step (or save, or eval) does not finish in time, dump every thread's stack and exit."""
+    if timeout_s:
+        faulthandler.dump_traceback_later(timeout_s, exit=True)
+
+
+def _disarm_watchdog() -> None:
+    faulthandler.cancel_dump_traceback_later()
+
+
+def _oom_guidance(cfg: TrainConfig, rank: int, step: int, per_device_batch: int, num_microbatches: int, device) -> str:
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    return (
+        f"out of memory on rank {rank} at step {step}: per-device batch {per_device_batch} in {num_microbatches} "
+        f"micro-batch(es), image size {cfg.model.vision.image_size}, precision {cfg.precision}, "
+        f"peak allocated {peak:.1f} GiB. Try grad_checkpointing=true, a smaller micro_batch_size (GradCache keeps "
+        f"the global batch and its gradients exact), precision=bf16, or dist.parallel=fsdp for large towers"
+    )
+
+
+# --- logging ------------------------------------------------------------------------------------------
+
+
+class _Interval:
+    """Wall time, steps and data-wait time since the last log line."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.num_steps = 0
+        self.data_seconds = 0.0
+
+    @property
+    def seconds(self) -> float:
+        return max(time.perf_counter() - self.start, 1e-9)
+
+
+def _train_metrics(control, lr, grad_norm, model, interval, cfg, counters, scaler) -> dict[str, float]:
+    scale = math.exp(_logit_scale(model))
+    metrics = {
+        "train/loss": control.mean_loss,
+        "train/lr": lr,
+        "train/logit_scale": scale,
+        "train/grad_norm": grad_norm,
+        "train/samples_per_s": interval.num_steps * cfg.global_batch_size / interval.seconds,
+        "train/data_wait": interval.data_seconds / interval.seconds,
+        "train/samples_seen": counters.samples_seen,
+        "train/epoch": counters.epoch,
+        "train/nonfinite_steps": counters.nonfinite_steps,
+    }
+    if scaler is not None:
+        metrics["train/loss_scale"] = scaler.get_scale()
+    return metrics
+
+
+def _console_line(step: int, max_steps: int, m: dict[str, float]) -> str:
+    return (
+        f"step {step}/{max_steps} | loss {m['train/loss']:.4f} | temp {1 / m['train/logit_scale']:.4f} | "
+        f"lr {m['train/lr']:.2e} | {m['train/samples_per_s']:.1f} samples/s | data {100 * m['train/data_wait']:.0f}%"
+    )
+
+
+def _eval_line(metrics: dict[str, float]) -> str:
+    return "zero-shot: " + ", ".join(f"{key} {value:.4f}" for key, value in sorted(metrics.items()))
+
+
+def _config_hash(cfg: TrainConfig) -> str:
+    return hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _to_yaml(tree: dict) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.create(tree))
