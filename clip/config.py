@@ -274,6 +274,9 @@ class TrainConfig:
     # CPU bitwise reproducibility: deterministic kernels; num_threads > 0 pins torch's thread count.
     deterministic: bool = False
     num_threads: int = 0
+    # Write clip.data.synthetic's shards and zero-shot set into this directory first if it has none
+    # (the smoke run's self-made data; single-process runs only).
+    synthetic_data: str = ""
     model: TrainModelConfig = field(default_factory=TrainModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)

@@ -107,7 +107,7 @@ def exchange_step_control(has_batch: bool, finite: bool, stop: bool, loss: float
     if dist.is_initialized():
         local = local.to(device)
         gathered = torch.empty(dist.get_world_size() * 4, dtype=torch.float64, device=device)
-        dist.all_gather_into_tensor(gathered, local)
+        dist.all_gather_single(gathered, local)
         local = gathered
     rows = local.view(-1, 4).cpu().tolist()  # [W, 4]
     return StepControl(

@@ -22,7 +22,6 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from clip.config import ConfigError
 from clip.hydra_config import compose_train_config, register_configs, to_train_config
-from clip.train import EXIT_DIVERGED, EXIT_PREEMPTED, NonFiniteLossError, train
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 EXIT_CONFIG_ERROR = 2
@@ -36,6 +35,9 @@ def _exit_config_error(error: ConfigError) -> None:
 @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base=None)
 @record
 def main(cfg: DictConfig) -> None:
+    # Imported here so that a config error is reported before the trainer's heavier imports.
+    from clip.train import EXIT_DIVERGED, EXIT_PREEMPTED, NonFiniteLossError, train
+
     try:
         result = train(to_train_config(cfg, HydraConfig.get().runtime.choices.get("model")))
     except ConfigError as error:
