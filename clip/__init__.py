@@ -10,10 +10,11 @@ __version__ = "0.1.0"
 
 from clip.api import available_models, create_model, create_model_and_transforms, load
 from clip.models import CLIP, list_models
-from clip.models.weights import CheckpointMismatchError, UnsafeCheckpointError, export_model
+from clip.models.weights import CheckpointFormatError, CheckpointMismatchError, UnsafeCheckpointError, export_model
 
 __all__ = [
     "CLIP",
+    "CheckpointFormatError",
     "CheckpointMismatchError",
     "UnsafeCheckpointError",
     "available_models",

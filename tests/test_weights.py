@@ -162,3 +162,13 @@ def test_unknown_format_is_named(tmp_path):
     torch.save({"weights": [1, 2, 3]}, tmp_path / "list.pt")
     with pytest.raises(CheckpointFormatError, match="not tensors: weights"):
         clip.load(tmp_path / "list.pt", device="cpu")
+
+
+@pytest.mark.slow
+def test_openclip_factory_loads_full_size_export(tmp_path):
+    import open_clip
+
+    ours = clip.create_model("ViT-B-32-quickgelu").eval()
+    path = export_model(ours, tmp_path / "model.safetensors")
+    reference = open_clip.create_model("ViT-B-32-quickgelu", pretrained=str(path)).eval()
+    assert_same_outputs(ours, reference, *sample_inputs(ours.config, num_images=2, num_texts=2))
