@@ -1,13 +1,14 @@
 """Reading TorchScript archives (OpenAI's release format) without executing them."""
 
 import collections
-import os
+import io
 import pickle
 import warnings
 import zipfile
 
 import pytest
 import torch
+from payloads import SystemCallPayload
 from torch import nn
 
 import clip
@@ -90,17 +91,10 @@ def _write_archive(path, data_pkl: bytes, records=None):
             archive.writestr(f"archive/data/{name}", payload)
 
 
-class _Payload:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
 
 def test_malicious_archive_is_refused_and_not_run(tmp_path):
     marker = tmp_path / "marker"
-    _write_archive(tmp_path / "evil.pt", pickle.dumps({"payload": _Payload(marker)}, protocol=2))
+    _write_archive(tmp_path / "evil.pt", pickle.dumps({"payload": SystemCallPayload(marker)}, protocol=2))
     with pytest.raises(UnsafeCheckpointError, match=r"global: posix.system"):
         clip.load(tmp_path / "evil.pt", device="cpu")
     assert not marker.exists()
@@ -121,8 +115,6 @@ class _ArchivePickler(pickle.Pickler):
 
 
 def test_tensor_outside_its_storage_is_refused(tmp_path):
-    import io
-
     buffer = io.BytesIO()
     _ArchivePickler(buffer, protocol=2).dump({"weight": _OutOfBounds()})
     _write_archive(tmp_path / "oob.pt", buffer.getvalue(), records={"0": bytes(16)})

@@ -2,11 +2,11 @@
 
 import json
 import logging
-import os
 import struct
 
 import pytest
 import torch
+from payloads import SystemCallPayload
 from references import assert_same_outputs, build_openclip, sample_inputs
 
 import clip
@@ -21,22 +21,14 @@ from clip.models.weights import (
 )
 
 
-class _Payload:
-    """Pickles as a call to os.system: what a malicious checkpoint does on a plain torch.load."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
 
 def test_malicious_pickle_is_refused_and_not_run(tmp_path):
     marker = tmp_path / "marker"
     path = tmp_path / "evil.pt"
-    torch.save({"visual.proj": torch.zeros(2), "payload": _Payload(marker)}, path)
+    torch.save({"visual.proj": torch.zeros(2), "payload": SystemCallPayload(marker)}, path)
     for load in (lambda: clip.load(path, device="cpu"), lambda: clip.create_model("tiny-vit", pretrained=path)):
-        with pytest.raises(UnsafeCheckpointError, match=r"refusing to unpickle non-tensor objects \(global: posix.system\)"):
+        refused = r"refusing to unpickle non-tensor objects \(global: posix.system\)"
+        with pytest.raises(UnsafeCheckpointError, match=refused):
             load()
     assert not marker.exists()
 
@@ -122,7 +114,8 @@ def test_strict_load_lists_missing_and_unexpected_keys():
     state_dict = dict(model.state_dict())
     del state_dict["ln_final.weight"]
     state_dict["extra.weight"] = torch.zeros(1)
-    with pytest.raises(CheckpointMismatchError, match=r"missing \(1\): ln_final.weight; unexpected \(1\): extra.weight"):
+    listed = r"missing \(1\): ln_final.weight; unexpected \(1\): extra.weight"
+    with pytest.raises(CheckpointMismatchError, match=listed):
         load_weights(model, state_dict)
 
 

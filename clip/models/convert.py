@@ -99,7 +99,8 @@ def read_checkpoint(path: PathLike) -> Checkpoint:
     if kind == "safetensors":
         tensors, metadata = load_safetensors_file(path)
         config = read_export_config(metadata, path)
-        return Checkpoint(_as_openai_state_dict(tensors, path), config, f"{'export' if config else 'safetensors'} {path}")
+        kind = "export" if config else "safetensors"
+        return Checkpoint(_as_openai_state_dict(tensors, path), config, f"{kind} {path}")
     if kind == "torchscript":
         return Checkpoint(
             _as_openai_state_dict(read_torchscript_state_dict(path), path), None, f"OpenAI TorchScript archive {path}"
@@ -283,7 +284,7 @@ def hf_state_dict_to_openai(hf: Mapping[str, torch.Tensor], cfg: ModelConfig, pa
 _INIT_ONLY = frozenset({"vision.patch_dropout", "vision.timm_pretrained", "init_logit_scale", "init_logit_bias"})
 # Ignoring these, two configs with equal fields have the same tensor shapes: the fields shapes cannot
 # tell (a registered config that matches on everything else supplies them) and the adaptable ones.
-ARCHITECTURE_ONLY = frozenset({"vision.head_width", "text.heads", "activation", "text.tokenizer"}) | ADAPTABLE_CONFIG_FIELDS
+ARCHITECTURE_ONLY = ADAPTABLE_CONFIG_FIELDS | {"vision.head_width", "text.heads", "activation", "text.tokenizer"}
 
 
 def _count_blocks(state_dict: Mapping[str, torch.Tensor], pattern: str) -> int:

@@ -215,7 +215,7 @@ class LoadReport:
     loaded: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)  # in the model, not in the checkpoint
     unexpected: list[str] = field(default_factory=list)  # in the checkpoint, not in the model
-    mismatched: list[str] = field(default_factory=list)  # "key: checkpoint [shape] vs model [shape]"
+    mismatched: list[str] = field(default_factory=list)  # "size mismatch for key: checkpoint [..] vs model [..]"
 
     @property
     def complete(self) -> bool:
@@ -223,7 +223,8 @@ class LoadReport:
 
     def __str__(self) -> str:
         lines = [f"loaded {len(self.loaded)} tensors"] if self.loaded else []
-        for title, keys in (("missing", self.missing), ("unexpected", self.unexpected), ("size mismatch", self.mismatched)):
+        sections = (("missing", self.missing), ("unexpected", self.unexpected), ("size mismatch", self.mismatched))
+        for title, keys in sections:
             if keys:
                 lines.append(f"{title} ({len(keys)}): {_short_list(keys)}")
         return "; ".join(lines)
