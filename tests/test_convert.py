@@ -171,8 +171,8 @@ def test_wrong_name_for_checkpoint_names_keys_and_the_matching_model(tmp_path):
 
 def test_state_dict_wrappers_are_removed(tmp_path):
     state_dict = CLIP(get_model_config("tiny-vit")).state_dict()
-    compiled = {f"_orig_mod.{k}": v for k, v in state_dict.items()}
-    torch.save({"state_dict": {f"module.{k}": v for k, v in compiled.items()}}, tmp_path / "wrapped.pt")
+    ddp = {f"module.{k}": v for k, v in state_dict.items()}  # a compiled DDP model: _orig_mod.module.<key>
+    torch.save({"state_dict": {f"_orig_mod.{k}": v for k, v in ddp.items()}}, tmp_path / "wrapped.pt")
     loaded = read_checkpoint(tmp_path / "wrapped.pt").state_dict
     assert loaded.keys() == state_dict.keys()
 

@@ -115,9 +115,8 @@ def _as_openai_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, Mapping) or not obj:
         raise CheckpointFormatError(f"{path}: expected a state dict (a mapping of names to tensors)")
     state_dict = dict(obj)
-    for prefix in _WRAPPER_PREFIXES:
-        if all(key.startswith(prefix) for key in state_dict):
-            state_dict = {key[len(prefix) :]: value for key, value in state_dict.items()}
+    while prefix := next((p for p in _WRAPPER_PREFIXES if all(key.startswith(p) for key in state_dict)), None):
+        state_dict = {key[len(prefix) :]: value for key, value in state_dict.items()}
     not_tensors = [key for key, value in state_dict.items() if not isinstance(value, torch.Tensor)]
     if not_tensors:
         raise CheckpointFormatError(f"{path}: entries that are not tensors: {', '.join(map(str, not_tensors[:10]))}")
