@@ -278,6 +278,7 @@ def retrieval_metrics(
         top_images = scores.topk(min(k, scores.shape[1]), dim=1).indices  # [T, k]
         image_hits = (top_images == text_image_index[:, None]).any(dim=1)
         metrics[f"image_retrieval_recall@{k}"] = image_hits.float().mean().item()
+    for k in ks:
         top_texts = scores.t().topk(min(k, scores.shape[0]), dim=1).indices  # [I, k]
         text_hits = (text_image_index[top_texts] == image_ids[:, None]).any(dim=1)
         metrics[f"text_retrieval_recall@{k}"] = text_hits.float().mean().item()

@@ -350,7 +350,7 @@ class TarEvalDataset(IterableDataset):
                             yield sample
                         key, members = member_key, {}
                     if not _is_safe_member(info):
-                        log.warning("eval shard %s: skipped member %r (not a regular file)", shard, info.name)
+                        log.warning("eval shard %s: skipped member %r (not a regular file at a relative path)", shard, info.name)
                     elif info.size > self.max_member_bytes:
                         log.warning("eval shard %s: skipped member %r of %d bytes (limit %d)",
                                     shard, info.name, info.size, self.max_member_bytes)
@@ -370,6 +370,8 @@ class TarEvalDataset(IterableDataset):
             image = decode_image(members[image_suffix], f"{shard}:{key}.{image_suffix}")
             text = members[self.target].decode("utf-8")
             target = int(text.strip()) if self.target == "cls" else [line for line in text.split("\n") if line]
+            if not target and self.target == "txt":
+                raise ValueError("no captions")
         except (OSError, ValueError) as error:  # PIL's decode errors are OSErrors
             log.warning("eval shard %s: sample %r is unreadable (%s); skipped", shard, key, error)
             return None
