@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from tqdm import tqdm
 
-from clip.data.eval_datasets import ClassificationSet, RetrievalSet, collate_eval_batch
+from clip.data.eval_datasets import ClassificationSet, RetrievalSet, TarEvalDataset, collate_eval_batch
 
 Tokenize = Callable[[list[str]], torch.Tensor]
 
@@ -86,13 +86,14 @@ def _batches_in_lockstep(
     """This rank's share of `dataset` as (images, targets, keys), then (throw-away images, None,
     None) until every rank is done, so that all ranks make the same number of encoder calls.
 
-    Keys sort samples into single-process order: the dataset index for map-style datasets (rank r
-    takes indices r, r + world, ...); (rank, position) for iterable datasets, which split
-    themselves across ranks (see `TarEvalDataset`).
+    Rank r takes indices r, r + world, ... of a map-style dataset and shards r, r + world, ... of a
+    `TarEvalDataset`; any other iterable dataset must split itself across ranks. Keys sort samples
+    into single-process order: the dataset index for map-style datasets, (rank, position) otherwise.
     """
     rank, world = _rank_and_world()
     if isinstance(dataset, IterableDataset):
-        local, first_key, key_step, num_batches = dataset, rank << 40, 1, None
+        local = dataset.for_rank(rank, world) if isinstance(dataset, TarEvalDataset) else dataset
+        first_key, key_step, num_batches = rank << 40, 1, None
     else:
         local = Subset(dataset, range(rank, len(dataset), world))
         first_key, key_step, num_batches = rank, world, math.ceil(len(local) / batch_size)

@@ -19,6 +19,7 @@ files under a size cap are read, and nothing is unpickled (RELIABILITY S4, S5).
 
 from __future__ import annotations
 
+import copy
 import glob
 import io
 import json
@@ -307,8 +308,8 @@ class TarEvalDataset(IterableDataset):
     captions (one per line). Only regular members no larger than `max_member_bytes` are read;
     every other member is skipped with a warning and nothing is unpickled or written to disk.
 
-    When torch.distributed is initialised, each rank (and each DataLoader worker) reads its own
-    subset of the shards, which is what the sharded evaluations in `clip.zero_shot` expect.
+    Each DataLoader worker reads its own subset of the shards; `for_rank` gives a rank its share
+    (the evaluations in `clip.zero_shot` call it).
     """
 
     def __init__(
@@ -326,16 +327,16 @@ class TarEvalDataset(IterableDataset):
         self.target = target
         self.max_member_bytes = max_member_bytes
 
-    def _my_shards(self) -> list[str]:
-        rank, world = 0, 1
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        worker = get_worker_info()
-        worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
-        return self.shards[rank * num_workers + worker_id :: world * num_workers]
+    def for_rank(self, rank: int, world_size: int) -> TarEvalDataset:
+        """The same dataset reading only shards rank, rank + world_size, ... (none if too few)."""
+        share = copy.copy(self)
+        share.shards = self.shards[rank::world_size]
+        return share
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, Any]]:
-        for shard in self._my_shards():
+        worker = get_worker_info()
+        shards = self.shards[worker.id :: worker.num_workers] if worker else self.shards
+        for shard in shards:
             yield from self._read_shard(shard)
 
     def _read_shard(self, shard: str) -> Iterator[tuple[torch.Tensor, Any]]:
