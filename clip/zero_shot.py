@@ -97,7 +97,13 @@ def _batches_in_lockstep(
     else:
         local = Subset(dataset, range(rank, len(dataset), world))
         first_key, key_step, num_batches = rank, world, math.ceil(len(local) / batch_size)
-    loader = DataLoader(local, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_eval_batch)
+    loader = DataLoader(
+        local,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=collate_eval_batch,
+        pin_memory=device.type == "cuda",
+    )
     batches = iter(loader)
     position = 0
     with tqdm(total=num_batches, desc=desc, unit="batch", disable=not progress or rank != 0) as bar:
@@ -186,7 +192,8 @@ def _topk_metrics(top: torch.Tensor, targets: torch.Tensor, num_classes: int) ->
     if num_samples == 0:
         raise ValueError("no samples to evaluate")
     if int(targets.min()) < 0 or int(targets.max()) >= num_classes:
-        raise ValueError(f"labels span [{int(targets.min())}, {int(targets.max())}] but there are {num_classes} classes")
+        low, high = int(targets.min()), int(targets.max())
+        raise ValueError(f"labels span [{low}, {high}] but there are {num_classes} classes")
     hits = top == targets[:, None]  # [N, k]
     # top-5 of fewer than 5 classes is meaningless (CLIP_benchmark reports NaN): leave it out.
     metrics = {f"top{k}": int(hits[:, :k].any(dim=1).sum()) / num_samples for k in TOPK if k <= num_classes}

@@ -80,7 +80,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
 
     model_path = resolve_model(args.model)
     model, preprocess = clip.load(model_path, device=args.device)
-    model.eval()
+    # clip.load casts to fp16 off the CPU, as OpenAI's does; evaluate fp32 weights, with autocast for
+    # --precision bf16/fp16, which is how CLIP_benchmark and the trainer's eval run.
+    model = model.float().eval()
     # Long captions are cut at the model's context length, as CLIP_benchmark's tokenizer does.
     tokenize = functools.partial(clip.tokenize, context_length=model.context_length, truncate=True)
     options = dict(

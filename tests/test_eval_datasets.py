@@ -125,7 +125,8 @@ def _write_cifar(root: Path, cifar100: bool, rng: np.random.Generator) -> None:
         files, names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"], get_classnames("cifar10")
     folder.mkdir(parents=True)
     for filename in files:
-        entry = {"data": rng.integers(0, 256, (6, 3072), dtype=np.uint8), label_key: rng.integers(0, len(names), 6).tolist()}
+        pixels, labels = rng.integers(0, 256, (6, 3072), dtype=np.uint8), rng.integers(0, len(names), 6).tolist()
+        entry = {"data": pixels, label_key: labels}
         (folder / filename).write_bytes(pickle.dumps(entry, protocol=2))
     (folder / meta[0]).write_bytes(pickle.dumps({meta[1]: names}, protocol=2))
 
@@ -212,7 +213,8 @@ def test_shards_and_image_folder_give_the_same_zero_shot_metrics(tmp_path):
     results = []
     for path in (tmp_path / "folder", tmp_path / "shards" / "000.tar"):
         eval_set = load_classification_set(path, TRANSFORM, name="set")
-        results.append(evaluate_zero_shot(model, eval_set.dataset, classnames, ["a photo of a {}."], open_clip.tokenize, name="set"))
+        metrics = evaluate_zero_shot(model, eval_set.dataset, classnames, ["a {}."], open_clip.tokenize, name="set")
+        results.append(metrics)
     assert results[0] == results[1] and results[0]["eval/set_num_samples"] == 18
 
 

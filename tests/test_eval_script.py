@@ -75,7 +75,8 @@ def test_retrieval_and_linear_probe_tasks(tmp_path, script, loaded):
     write_image_folder(tmp_path / "train", num_classes=3, per_class=4)
     write_image_folder(tmp_path / "test", num_classes=3, per_class=2, seed=1)
     results = script.main(["--task", "linear-probe", "--model", "tiny-vit", "--data", str(tmp_path / "test"),
-                           "--train-data", str(tmp_path / "train"), "--workers", "0", "--output", str(tmp_path / "l.json")])
+                           "--train-data", str(tmp_path / "train"), "--workers", "0",
+                           "--output", str(tmp_path / "l.json")])
     assert results["test"]["linear_probe_num_samples"] == 6 and "linear_probe_weight_decay" in results["test"]
 
 

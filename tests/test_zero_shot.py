@@ -97,7 +97,7 @@ def test_zero_shot_equals_clip_benchmark(tmp_path, monkeypatch):
     assert eval_set.classnames == classnames and eval_set.templates == TEMPLATES
 
     ours = evaluate_zero_shot(
-        model, eval_set.dataset, eval_set.classnames, eval_set.templates, open_clip.tokenize, name="synth", batch_size=16
+        model, eval_set.dataset, classnames, TEMPLATES, open_clip.tokenize, name="synth", batch_size=16
     )
     loader = DataLoader(eval_set.dataset, batch_size=7)
     theirs_templates = [template.replace("{}", "{c}") for template in TEMPLATES]
@@ -159,6 +159,17 @@ def test_eval_hooks_restore_training_mode(tmp_path):
     metrics = evaluate(model, eval_set, open_clip.tokenize)
     assert model.training
     assert set(metrics) == {"eval/set_top1", "eval/set_mean_per_class_recall", "eval/set_num_samples"}
+
+
+def test_autocast_runs_and_returns_float_metrics(tmp_path):
+    write_image_folder(tmp_path / "set", num_classes=5, per_class=2)
+    captions = write_caption_set(tmp_path / "coco", num_images=4)
+    model = tiny_model()
+    transform = image_transform_eval(32)
+    for eval_set in (load_classification_set(tmp_path / "set", transform), load_retrieval_set(captions, transform)):
+        metrics = evaluate(model, eval_set, open_clip.tokenize, autocast_dtype=torch.bfloat16)
+        assert all(isinstance(value, (int, float)) and math.isfinite(value) for value in metrics.values())
+        assert next(model.parameters()).dtype == torch.float32
 
 
 def _blobs(generator, num_per_class, centers):

@@ -26,7 +26,7 @@ from tests.eval_fixtures import (  # noqa: F401
     write_tar,
 )
 
-multiprocess = pytest.importorskip("tests.multiprocess", reason="the multi-process harness (loss work) is not merged yet")
+multiprocess = pytest.importorskip("tests.multiprocess", reason="the multi-process harness is not merged yet")
 
 WORLD_SIZE = 3
 CLASSNAMES = [f"class {i}" for i in range(7)]
@@ -61,8 +61,9 @@ def _evaluate_all(root: str) -> dict:
     shards = load_classification_set(f"{root}/shards/{{0..1}}.tar", transform, name="shards")
     captions = load_retrieval_set(f"{root}/captions/dataset_coco.json", transform, name="coco")
     metrics = {}
-    metrics.update(evaluate_zero_shot(model, folder.dataset, CLASSNAMES, TEMPLATES, hash_tokenize, name="folder", **OPTIONS))
-    metrics.update(evaluate_zero_shot(model, shards.dataset, CLASSNAMES, TEMPLATES, hash_tokenize, name="shards", **OPTIONS))
+    for eval_set in (folder, shards):
+        dataset, name = eval_set.dataset, eval_set.name
+        metrics.update(evaluate_zero_shot(model, dataset, CLASSNAMES, TEMPLATES, hash_tokenize, name=name, **OPTIONS))
     metrics.update(evaluate(model, captions, hash_tokenize, **OPTIONS))
     features, labels = extract_image_features(model, folder.dataset, **OPTIONS)
     return {"metrics": metrics, "calls": calls, "features": features, "labels": labels}

@@ -218,9 +218,21 @@ class _CifarLayout:
 
 _CIFAR_LAYOUTS = {
     "cifar-10-batches-py": _CifarLayout(
-        "cifar10", tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",), "batches.meta", "labels", "label_names"
+        "cifar10",
+        train_files=tuple(f"data_batch_{i}" for i in range(1, 6)),
+        test_files=("test_batch",),
+        meta_file="batches.meta",
+        label_key="labels",
+        names_key="label_names",
     ),
-    "cifar-100-python": _CifarLayout("cifar100", ("train",), ("test",), "meta", "fine_labels", "fine_label_names"),
+    "cifar-100-python": _CifarLayout(
+        "cifar100",
+        train_files=("train",),
+        test_files=("test",),
+        meta_file="meta",
+        label_key="fine_labels",
+        names_key="fine_label_names",
+    ),
 }
 
 
@@ -351,7 +363,8 @@ class TarEvalDataset(IterableDataset):
                             yield sample
                         key, members = member_key, {}
                     if not _is_safe_member(info):
-                        log.warning("eval shard %s: skipped member %r (not a regular file at a relative path)", shard, info.name)
+                        log.warning("eval shard %s: skipped member %r (not a regular file at a relative path)",
+                                    shard, info.name)
                     elif info.size > self.max_member_bytes:
                         log.warning("eval shard %s: skipped member %r of %d bytes (limit %d)",
                                     shard, info.name, info.size, self.max_member_bytes)
@@ -459,7 +472,9 @@ class CaptionedImages(Dataset):
             return self.transform(image.convert("RGB")), list(captions)
 
 
-def read_caption_file(path: str | Path, images: str | Path | None = None, split: str = "test") -> list[tuple[Path, list[str]]]:
+def read_caption_file(
+    path: str | Path, images: str | Path | None = None, split: str = "test"
+) -> list[tuple[Path, list[str]]]:
     """(image path, captions) pairs from a Karpathy-split caption file.
 
     Two layouts are read: Karpathy's own `dataset_coco.json` / `dataset_flickr30k.json`
