@@ -108,19 +108,28 @@ def _batches_in_lockstep(
     position = 0
     with tqdm(total=num_batches, desc=desc, unit="batch", disable=not progress or rank != 0) as bar:
         while True:
-            batch = next(batches, None)
-            # [has a batch, C, H, W]: a MAX over ranks tells whether anyone still has data and gives
-            # a rank that has none the image shape of its throw-away batch, in one collective.
-            state = torch.zeros(4, dtype=torch.long, device=device)
+            batch, error = None, None
+            try:
+                batch = next(batches, None)
+            except Exception as caught:  # e.g. an unreadable shard: every rank must stop, not wait
+                error = caught
+            # [failed, has a batch, C, H, W]: one MAX over ranks tells every rank whether any rank
+            # failed or still has data, and gives a rank without data the shape of its throw-away batch.
+            state = torch.zeros(5, dtype=torch.long, device=device)
+            state[0] = error is not None
             if batch is not None:
-                state[0] = 1
-                state[1:] = torch.tensor(batch[0].shape[1:])
+                state[1] = 1
+                state[2:] = torch.tensor(batch[0].shape[1:])
             if world > 1:
                 dist.all_reduce(state, op=dist.ReduceOp.MAX)
-            if state[0].item() == 0:
+            if error is not None:
+                raise error
+            if state[0].item():
+                raise RuntimeError(f"evaluation of {desc!r} failed on another rank (its log names the cause)")
+            if state[1].item() == 0:
                 return
             if batch is None:
-                yield torch.zeros(1, *state[1:].tolist(), device=device), None, None
+                yield torch.zeros(1, *state[2:].tolist(), device=device), None, None
                 continue
             images, targets = batch
             keys = first_key + key_step * torch.arange(position, position + len(images), device=device)
@@ -131,13 +140,15 @@ def _batches_in_lockstep(
 
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[None]:
-    # The trainer calls these hooks mid-run: give the model back in the mode it came in.
-    was_training = model.training
+    # The trainer calls these hooks mid-run: give every module back its own mode (model.train()
+    # would also switch a locked tower that the trainer keeps in eval mode).
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
         yield
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
 
 
 def _device_of(model: nn.Module, device: torch.device | str | None) -> torch.device:

@@ -152,12 +152,14 @@ def test_retrieval_metrics_on_handmade_scores():
     assert metrics["text_retrieval_recall@2"] == 1.0
 
 
-def test_eval_hooks_restore_training_mode(tmp_path):
+def test_eval_hooks_restore_each_modules_mode(tmp_path):
     write_image_folder(tmp_path / "set", num_classes=3, per_class=2)
     model = tiny_model().train()
+    model.visual.eval()  # a locked tower the trainer keeps in eval mode
     eval_set = load_classification_set(tmp_path / "set", image_transform_eval(32))
     metrics = evaluate(model, eval_set, open_clip.tokenize)
-    assert model.training
+    assert model.training and model.transformer.training
+    assert not any(module.training for module in model.visual.modules())
     assert set(metrics) == {"eval/set_top1", "eval/set_mean_per_class_recall", "eval/set_num_samples"}
 
 

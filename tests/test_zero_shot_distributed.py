@@ -3,7 +3,7 @@
 13 images over 3 ranks with batches of 2 give the ranks 3, 2 and 2 batches; 7 classes give them 3,
 3 and 1 real classes to encode; 2 shards leave the third rank with no data at all. Every rank must
 still return the single-process metrics and make the same number of encoder calls (what an
-FSDP-sharded model needs to not hang).
+FSDP-sharded model needs to not hang). A truncated shard on one rank stops all three at once.
 """
 
 from __future__ import annotations
@@ -66,7 +66,14 @@ def _evaluate_all(root: str) -> dict:
         metrics.update(evaluate_zero_shot(model, dataset, CLASSNAMES, TEMPLATES, hash_tokenize, name=name, **OPTIONS))
     metrics.update(evaluate(model, captions, hash_tokenize, **OPTIONS))
     features, labels = extract_image_features(model, folder.dataset, **OPTIONS)
-    return {"metrics": metrics, "calls": calls, "features": features, "labels": labels}
+    # Shard 1 of 0..2 is truncated: rank 1 cannot read it, the others must not wait for it.
+    broken = load_classification_set(f"{root}/broken/{{0..2}}.tar", transform, name="broken")
+    try:
+        evaluate(model, broken, hash_tokenize, **OPTIONS)
+        error = ""
+    except RuntimeError as caught:
+        error = str(caught)
+    return {"metrics": metrics, "calls": calls, "features": features, "labels": labels, "error": error}
 
 
 def test_sharded_evaluation_equals_single_process(tmp_path):
@@ -78,9 +85,15 @@ def test_sharded_evaluation_equals_single_process(tmp_path):
     write_tar(tmp_path / "shards" / "1.tar", classification_members(rng, [5, 6, 0], 5))
     (tmp_path / "shards" / "classnames.txt").write_text("\n".join(CLASSNAMES))
     write_caption_set(tmp_path / "captions", num_images=11)
+    (tmp_path / "broken").mkdir()
+    for index in range(3):
+        write_tar(tmp_path / "broken" / f"{index}.tar", classification_members(rng, [0, 1, 2, 3]))
+    shard = tmp_path / "broken" / "1.tar"
+    shard.write_bytes(shard.read_bytes()[:1300])
+    (tmp_path / "broken" / "classnames.txt").write_text("\n".join(CLASSNAMES))
 
     single = _evaluate_all(str(tmp_path))
-    ranks = multiprocess.run_on_ranks(_evaluate_all, WORLD_SIZE, args=(str(tmp_path),))
+    ranks = multiprocess.run_on_ranks(_evaluate_all, WORLD_SIZE, args=(str(tmp_path),), timeout_s=100)
 
     assert single["metrics"]["eval/folder_num_samples"] == 13 and single["metrics"]["eval/shards_num_samples"] == 8
     assert single["metrics"]["eval/coco_num_images"] == 11
@@ -91,3 +104,7 @@ def test_sharded_evaluation_equals_single_process(tmp_path):
         assert torch.equal(result["labels"], single["labels"])
         torch.testing.assert_close(result["features"], single["features"], rtol=0, atol=1e-6)
         assert result["calls"] == ranks[0]["calls"], f"rank {rank} made a different number of encoder calls"
+    assert "cannot read eval shard" in single["error"] and "1.tar" in single["error"]
+    assert "cannot read eval shard" in ranks[1]["error"] and "1.tar" in ranks[1]["error"]
+    for rank in (0, 2):
+        assert "failed on another rank" in ranks[rank]["error"], ranks[rank]["error"]
