@@ -13,8 +13,9 @@ Formats, detected by `load_classification_set` and `load_retrieval_set`:
 - a caption file (Karpathy-split JSON of COCO / Flickr30k) plus the image directory.
 
 A sample is `(image_tensor, target)`: an int class index, or a list of captions for retrieval.
-Tar shards are read with `tarfile`, not webdataset: only image, `cls` and `txt` members of regular
-files under a size cap are read, and nothing is unpickled (RELIABILITY S4, S5).
+Tar shards (uncompressed) are read with `tarfile`, not webdataset: only image, `cls` and `txt`
+members of regular files under a size cap are read, nothing is unpickled (RELIABILITY S4, S5), and
+a shard without its end-of-archive marker is an error (a cut at a member boundary is otherwise silent).
 """
 
 from __future__ import annotations
@@ -355,7 +356,7 @@ class TarEvalDataset(IterableDataset):
         wanted = (*IMAGE_SUFFIXES, self.target)
         key, members = None, {}
         try:
-            with tarfile.open(shard, mode="r:*") as tar:
+            with tarfile.open(shard, mode="r:") as tar:
                 for info in tar:
                     member_key, suffix = _split_member_name(info.name)
                     if member_key != key:
@@ -370,6 +371,11 @@ class TarEvalDataset(IterableDataset):
                                     shard, info.name, info.size, self.max_member_bytes)
                     elif suffix in wanted:
                         members[suffix] = tar.extractfile(info).read()
+                # tarfile ends silently when a shard is cut at a member boundary (RELIABILITY G8):
+                # require the end-of-archive marker, two zero blocks, where the members stop.
+                tar.fileobj.seek(tar.offset)
+                if tar.fileobj.read(2 * tarfile.BLOCKSIZE) != bytes(2 * tarfile.BLOCKSIZE):
+                    raise tarfile.ReadError("no end-of-archive marker after the last member: truncated")
         except (tarfile.TarError, OSError) as error:
             raise RuntimeError(f"cannot read eval shard {shard}: {error}") from error
         if key is not None and (sample := self._decode(shard, key, members)) is not None:
