@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
+    get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
     set_optimizer_state_dict,
@@ -38,15 +39,18 @@ from torch.distributed.checkpoint.state_dict import (
 
 import clip
 from clip.checkpoint import (
+    TRAIN_STATE,
     find_latest,
     find_resumable,
     get_rng_state,
     list_committed,
     load_checkpoint,
     load_file,
+    read_manifest,
     remove_stale,
     save_checkpoint,
     set_rng_state,
+    verify_files,
 )
 from clip.config import (
     CheckpointConfig,
@@ -70,6 +74,8 @@ from clip.distributed import (
 )
 from clip.logger import MetricsLogger, setup_console_logging
 from clip.models import CLIP
+from clip.models.convert import read_checkpoint, read_checkpoint_config
+from clip.models.weights import check_model_config, export_state_dict, load_weights
 from clip.precision import build_grad_scaler, get_autocast
 
 logger = logging.getLogger(__name__)
@@ -77,6 +83,7 @@ logger = logging.getLogger(__name__)
 MAX_LOGIT_SCALE = math.log(100.0)  # temperature floor of 0.01 (CLIP paper, section 2.5)
 EXIT_DIVERGED = 3
 EXIT_PREEMPTED = 143  # 128 + SIGTERM, what schedulers expect of a job that stopped on request
+EXPORT_NAME = "model.safetensors"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -301,8 +308,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                 eval_metrics = _evaluate(cfg, model, model_config, device, rank, world_size, autocast)
                 metrics_logger.log(counters.step, eval_metrics)
                 metrics_logger.print(_eval_line(eval_metrics))
-            if cfg.checkpoint.export and is_main:
-                export_final(model, model_config, run_dir / "export")
+            if cfg.checkpoint.export:
+                export_final(model, model_config, run_dir / EXPORT_NAME, is_main=is_main, run_id=run_id, step=counters.step)
     finally:
         _disarm_watchdog()
         stop_request.restore()
@@ -390,8 +397,29 @@ def _evaluate(cfg, model, model_config, device, rank, world_size, autocast) -> d
     return {}
 
 
-def export_final(model: CLIP, model_config: ModelConfig, directory: Path) -> None:
-    pass
+def export_final(model: CLIP, model_config: ModelConfig, path: Path, *, is_main: bool, run_id: str, step: int) -> None:
+    """The trained weights and config as one safetensors file for `clip.load(path)` (a collective call)."""
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if is_main:
+        export_state_dict(state, model_config, path, metadata={"run_id": run_id, "step": str(step)})
+        logger.info("exported %s (clip.load reads it)", path)
+
+
+def _init_weights(model: CLIP, path: str) -> None:
+    """Start a new run from the weights in `path`: a training checkpoint directory, an export, or any
+    checkpoint format clip.create_model reads. The architecture must match (checked before tensors)."""
+    path = Path(path)
+    if read_manifest(path) is not None:
+        verify_files(path, [TRAIN_STATE])
+        state = load_file(path / TRAIN_STATE)
+        stored, state_dict, source = json.loads(state["model_config"]), state["model"], f"training checkpoint {path}"
+    else:
+        checkpoint = read_checkpoint(path)
+        stored, state_dict, source = read_checkpoint_config(path), checkpoint.state_dict, checkpoint.source
+    if stored is not None:
+        check_model_config(stored, model.config, source=source, hint="Start from weights of this architecture.")
+    load_weights(model, state_dict, source=source)
+    logger.info("initialised weights from %s", source)
 
 
 # --- building blocks ------------------------------------------------------------------------------
@@ -577,10 +605,6 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
-
-
-def _init_weights(model: CLIP, path: str) -> None:
-    raise NotImplementedError("PLACEHOLDER until the api branch lands")
 
 
 # --- data ---------------------------------------------------------------------------------------------

@@ -15,9 +15,11 @@ import shutil
 import pytest
 import torch
 
+import clip
 import clip.checkpoint as ckpt
 import clip.train as train_module
 from clip.config import ConfigError
+from clip.models.weights import CheckpointMismatchError
 from clip.train import MAX_LOGIT_SCALE, NonFiniteLossError, build_optimizer, get_lr, train
 from tests.train_fixtures import load_model_state, read_metrics, tiny_train_config, use_memory_data
 
@@ -277,3 +279,30 @@ def test_batch_plan_is_derived_from_the_global_batch(tmp_path):
     with pytest.raises(ConfigError, match="micro_batch_size=4 does not divide the per-device batch 2"):
         get_batch_plan(cfg, world_size=16)
     assert math.isfinite(MAX_LOGIT_SCALE)
+
+
+def test_the_export_loads_with_clip_load_and_holds_the_final_weights(reference_run):
+    run_dir, _ = reference_run
+    model, _ = clip.load(str(run_dir / "model.safetensors"), device="cpu")
+    final = load_model_state(run_dir / "checkpoints" / "step-12")
+    _assert_same_tensors({key: value for key, value in model.state_dict().items()}, final)
+
+
+def test_init_from_starts_a_new_run_and_is_ignored_when_resuming(tmp_path, reference_run, caplog):
+    export = reference_run[0] / "model.safetensors"
+    with caplog.at_level(logging.INFO, logger="clip.train"):
+        train(tiny_train_config(tmp_path, f"checkpoint.init_from={export}", "max_steps=1", "optim.lr=1e-9",
+                                "optim.warmup_steps=0"))
+        assert f"initialised weights from export {export}" in caplog.text
+        started = load_model_state(tmp_path / "checkpoints" / "step-1")
+        for key, value in load_model_state(reference_run[0] / "checkpoints" / "step-12").items():
+            torch.testing.assert_close(started[key], value, rtol=0, atol=1e-6)
+        train(tiny_train_config(tmp_path, f"checkpoint.init_from={export}", "max_steps=1", "optim.lr=1e-9",
+                                "optim.warmup_steps=0"))
+        assert "at step 1 (init_from ignored)" in caplog.text
+
+
+def test_init_from_another_architecture_fails_before_loading_tensors(tmp_path, reference_run):
+    source = reference_run[0] / "checkpoints" / "step-12"
+    with pytest.raises(CheckpointMismatchError, match=r"model.vision.width=64.*current config has 128"):
+        train(tiny_train_config(tmp_path, f"checkpoint.init_from={source}", "model.vision.width=128"))
