@@ -237,8 +237,6 @@ def train(cfg: TrainConfig) -> TrainResult:
             if fault_here and step == cfg.fault.sleep_at_step:
                 time.sleep(cfg.fault.sleep_s)
             images, texts = batch["images"].to(device, non_blocking=True), batch["texts"].to(device, non_blocking=True)
-            if fault_here and step in cfg.fault.nan_at_steps:
-                images = images * float("nan")
             try:
                 if fault_here and step == cfg.fault.raise_at_step:
                     raise torch.OutOfMemoryError("injected by fault.raise_at_step")
@@ -249,6 +247,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             except torch.OutOfMemoryError as error:
                 guidance = _oom_guidance(cfg, rank, step, per_device_batch, num_microbatches, device)
                 raise torch.OutOfMemoryError(guidance) from error
+            if fault_here and step in cfg.fault.nan_at_steps:
+                loss = float("nan")
             finite = math.isfinite(loss) and math.isfinite(grad_norm)
             if fault_here and step == cfg.fault.signal_at_step:
                 os.kill(os.getpid(), signal.SIGTERM)
@@ -295,7 +295,9 @@ def train(cfg: TrainConfig) -> TrainResult:
                 wrapped.train()
                 apply_tower_lock(model, lock_image=cfg.lock_image, lock_text=cfg.lock_text)
                 interval = _Interval()
-            if control.stop or step == max_steps or (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0):
+            # A periodic checkpoint of a skipped (non-finite) step would only move the data position past it.
+            periodic = cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and control.finite
+            if control.stop or step == max_steps or periodic:
                 save(step, consumed_state)
             if fault_here and step == cfg.fault.kill_at_step:
                 os.kill(os.getpid(), signal.SIGKILL)
