@@ -61,6 +61,23 @@ def test_forward_flops_match_openclip_profile(name):
     assert flops.text_flops / 1e9 == pytest.approx(text_gflops, abs=0.006)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["RN50x4", "ViT-B-32"])
+def test_openclip_counted_live_equals_ours_plus_its_attention_pool(name):
+    # The installed OpenCLIP, counted the way its profiler does, on the meta device: checks the
+    # attention-pool adjustment above directly (importing open_clip takes several seconds).
+    open_clip = pytest.importorskip("open_clip")
+    cfg = get_model_config(name)
+    batch = 2
+    with torch.device("meta"):
+        model = open_clip.create_model(name, device="meta").train()
+        images, text = _inputs(cfg, batch)
+    extra = openclip_attention_pool_extra_macs(cfg) if cfg.vision.kind == "resnet" else 0.0
+    expected = flops_per_sample(cfg)
+    assert _count_macs(lambda: model.encode_image(images)) / batch == expected.image_macs + extra
+    assert _count_macs(lambda: model.encode_text(text)) / batch == expected.text_macs
+
+
 def test_reference_table_names_are_registered():
     assert set(OPENCLIP_GFLOPS) <= set(list_models())
 
