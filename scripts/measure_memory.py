@@ -28,8 +28,9 @@ MIB = 2**20
 
 @dataclass
 class Case:
-    """A model (registry name) cut to `vision_layers` / `text_layers` blocks (stages for a ResNet:
-    0 keeps the registry's depth), trained at `batch` in `precision`."""
+    """A registry model with its ViT cut to `vision_layers` blocks and its text tower to
+    `text_layers` (0 keeps the registry's depth; ResNets keep theirs), trained at `batch` in
+    `precision`."""
 
     model: str
     vision_layers: int

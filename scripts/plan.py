@@ -10,15 +10,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
-
-from clip.config import ModelConfig  # noqa: E402
-from clip.flops import DEVICE_MEMORY_GIB, PEAK_FLOPS, flops_per_sample, get_device_kind  # noqa: E402
-from clip.memory import GIB, PARALLELISMS, PRECISIONS, MemoryEstimate, count_parameters, estimate_memory  # noqa: E402
+from clip.config import ModelConfig
+from clip.flops import DEVICE_MEMORY_GIB, PEAK_FLOPS, flops_per_sample, get_device_kind
+from clip.memory import GIB, PARALLELISMS, PRECISIONS, MemoryEstimate, ParameterCounts, count_parameters, estimate_memory
 
 # Assumed model-FLOPs utilisation when none is measured yet: above published CLIP training
 # (10-20% on A100s for OpenCLIP, about 21% on H100s for NeMo), below LLM trainers (35-55%).
@@ -100,7 +96,9 @@ class RunConfig:
     loss_chunk_rows: int = 0
 
 
-def _memory(run: RunConfig, cluster: ClusterConfig, split: BatchSplit, grad_checkpointing: bool, params) -> MemoryEstimate:
+def plan_memory(
+    run: RunConfig, cluster: ClusterConfig, split: BatchSplit, grad_checkpointing: bool, params: ParameterCounts
+) -> MemoryEstimate:
     return estimate_memory(
         run.model,
         micro_batch=split.micro_batch,
@@ -115,7 +113,7 @@ def _memory(run: RunConfig, cluster: ClusterConfig, split: BatchSplit, grad_chec
     )
 
 
-def choose_split(run: RunConfig, cluster: ClusterConfig, params=None) -> BatchSplit:
+def choose_split(run: RunConfig, cluster: ClusterConfig, params: ParameterCounts | None = None) -> BatchSplit:
     """The given micro-batch, or else the largest divisor of the per-GPU batch whose estimated
     memory fits the GPU (fewest accumulation steps: each one adds a no-grad forward)."""
     split = split_global_batch(run.global_batch, cluster.num_gpus, run.micro_batch)
@@ -124,12 +122,12 @@ def choose_split(run: RunConfig, cluster: ClusterConfig, params=None) -> BatchSp
     params = params or count_parameters(run.model)
     for micro_batch in reversed(_divisors(split.local_batch)):
         candidate = BatchSplit(split.local_batch, micro_batch)
-        if _memory(run, cluster, candidate, run.grad_checkpointing, params).total <= cluster.memory_bytes:
+        if plan_memory(run, cluster, candidate, run.grad_checkpointing, params).total <= cluster.memory_bytes:
             return candidate
     raise ValueError(
         f"{run.name} does not fit in "
         f"{cluster.memory_bytes / GIB:.0f} GiB even at micro-batch 1 "
-        f"({_memory(run, cluster, BatchSplit(split.local_batch, 1), run.grad_checkpointing, params).total / GIB:.1f} GiB); "
+        f"({plan_memory(run, cluster, BatchSplit(split.local_batch, 1), run.grad_checkpointing, params).total / GIB:.1f} GiB); "
         "try --grad-checkpointing, --parallel fsdp or more GPUs"
     )
 
@@ -171,7 +169,7 @@ def format_plan(run: RunConfig, cluster: ClusterConfig, mfu: float, mfu_measured
     split = choose_split(run, cluster, params)
     flops = flops_per_sample(run.model, global_batch=run.global_batch)
     time = estimate_step_time(run, cluster, split, mfu)
-    plain, checkpointed = (_memory(run, cluster, split, ckpt, params) for ckpt in (False, True))
+    plain, checkpointed = (plan_memory(run, cluster, split, checkpointing, params) for checkpointing in (False, True))
     lines = [
         f"{run.name}: {params.total / 1e6:.1f}M parameters, {run.precision}, {run.parallel}, "
         f"{cluster.num_gpus} x {cluster.kind} ({cluster.memory_bytes / GIB:.0f} GiB)",
@@ -198,7 +196,7 @@ def format_plan(run: RunConfig, cluster: ClusterConfig, mfu: float, mfu_measured
         lines.append(f"  {label:<40}{_gib(getattr(plain, key))}          {_gib(getattr(checkpointed, key))}")
     lines.append(f"  {'allocator allowance':<40}{_gib(plain.allocator)}          {_gib(checkpointed.allocator)}")
     lines.append(f"  {'total':<40}{_gib(plain.total)}          {_gib(checkpointed.total)}")
-    fits = ["fits" if m.total <= cluster.memory_bytes else "DOES NOT FIT" for m in (plain, checkpointed)]
+    fits = ["fits" if m.total <= cluster.memory_bytes else "too big" for m in (plain, checkpointed)]
     lines.append(f"  {'':<40}{fits[0]:>8}          {fits[1]:>8}")
     source = "measured" if mfu_measured else "assumed; pass --mfu with a measured value"
     lines += [

@@ -54,7 +54,7 @@ def test_choose_split_takes_the_largest_micro_batch_that_fits():
     assert split.local_batch == 512 and split.accum_steps > 1
 
     def total(micro_batch):
-        return plan._memory(run, cluster, plan.BatchSplit(512, micro_batch), False, params).total
+        return plan.plan_memory(run, cluster, plan.BatchSplit(512, micro_batch), False, params).total
 
     assert total(split.micro_batch) <= 12 * GIB < total(2 * split.micro_batch)
     with pytest.raises(ValueError, match="ViT-B-32 does not fit in 2 GiB even at micro-batch 1"):
