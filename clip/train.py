@@ -72,6 +72,7 @@ from clip.distributed import (
     init_distributed,
     read_launch_env,
 )
+from clip.flops import get_mfu, get_peak_flops, training_flops_per_sample
 from clip.logger import MetricsLogger, setup_console_logging
 from clip.models import CLIP
 from clip.models.convert import read_checkpoint, read_checkpoint_config
@@ -180,6 +181,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     stop_request = StopRequest()
     stop_request.install()
     fault_here = cfg.fault.rank in (-1, rank)
+    flops_per_sample, peak_flops = _get_mfu_inputs(cfg, model_config, device)
     checkpoint_meta = {"run_id": run_id, "world_size": world_size, "config_hash": _config_hash(cfg),
                        "library_version": clip.__version__}
 
@@ -285,6 +287,9 @@ def train(cfg: TrainConfig) -> TrainResult:
 
             if step % cfg.log.every_steps == 0 or step == max_steps:
                 metrics = _train_metrics(control, lr, grad_norm, model, interval, cfg, counters, scaler)
+                mfu = get_mfu(metrics["train/samples_per_s"], flops_per_sample, peak_flops, world_size)
+                if mfu is not None:
+                    metrics["train/mfu"] = mfu
                 metrics_logger.log(step, metrics)
                 metrics_logger.print(_console_line(step, max_steps, metrics))
                 interval = _Interval()
@@ -707,10 +712,22 @@ def _train_metrics(control, lr, grad_norm, model, interval, cfg, counters, scale
 
 
 def _console_line(step: int, max_steps: int, m: dict[str, float]) -> str:
-    return (
+    line = (
         f"step {step}/{max_steps} | loss {m['train/loss']:.4f} | temp {1 / m['train/logit_scale']:.4f} | "
         f"lr {m['train/lr']:.2e} | {m['train/samples_per_s']:.1f} samples/s | data {100 * m['train/data_wait']:.0f}%"
     )
+    return line + (f" | MFU {100 * m['train/mfu']:.1f}%" if "train/mfu" in m else "")
+
+
+def _get_mfu_inputs(cfg: TrainConfig, model_config: ModelConfig, device: torch.device) -> tuple[float, float | None]:
+    """(model FLOPs per training sample, the device's peak FLOP/s or None when unknown, e.g. on CPU)."""
+    if model_config.vision.kind not in ("vit", "resnet") or device.type != "cuda":
+        return 0.0, None
+    precision = cfg.precision
+    if precision == "fp32" and torch.backends.cuda.matmul.allow_tf32:
+        precision = "tf32"
+    flops = training_flops_per_sample(model_config, global_batch=cfg.global_batch_size)
+    return flops, get_peak_flops(torch.cuda.get_device_name(device), precision)
 
 
 def _eval_line(metrics: dict[str, float]) -> str:
