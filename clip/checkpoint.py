@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from clip.distributed import all_ranks_agree, barrier
+from clip.models.weights import load_torch_file
 
 logger = logging.getLogger(__name__)
 
@@ -258,8 +259,9 @@ def verify_files(path: str | Path, names: list[str]) -> None:
 
 
 def load_file(path: str | Path) -> Any:
-    """A checkpoint file, tensors and primitives only (weights_only=True: no code runs on load)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A checkpoint file, tensors and primitives only: `torch.load(weights_only=True)`, never a fallback;
+    anything else raises UnsafeCheckpointError (S1)."""
+    return load_torch_file(path)
 
 
 def load_checkpoint(path: str | Path, rank: int) -> tuple[dict[str, Any], dict[str, Any]]:

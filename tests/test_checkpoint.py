@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import pickle
 import random
 import shutil
 
@@ -12,6 +14,7 @@ import pytest
 import torch
 
 import clip.checkpoint as ckpt
+from clip.models.weights import UnsafeCheckpointError
 
 
 def _save(directory, step, *, keep_last=3, fault_phase=""):
@@ -157,3 +160,18 @@ def test_remove_stale_leaves_foreign_directories_alone(tmp_path):
     ckpt.remove_stale(tmp_path)
     assert not (tmp_path / "step-3.tmp").exists() and (tmp_path / "notes.tmp").exists()
     shutil.rmtree(tmp_path / "notes.tmp")
+
+
+def test_a_checkpoint_file_that_would_run_code_is_refused(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'marker'}",))
+
+    path = _save(tmp_path, 5)
+    (path / "train_state.pt").write_bytes(pickle.dumps(Payload()))
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["files"]["train_state.pt"] = ckpt._file_digest(path / "train_state.pt")  # an attacker can rehash
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UnsafeCheckpointError, match="refusing to unpickle non-tensor objects"):
+        ckpt.load_checkpoint(path, rank=0)
+    assert not (tmp_path / "marker").exists()

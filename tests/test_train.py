@@ -306,3 +306,17 @@ def test_init_from_another_architecture_fails_before_loading_tensors(tmp_path, r
     source = reference_run[0] / "checkpoints" / "step-12"
     with pytest.raises(CheckpointMismatchError, match=r"model.vision.width=64.*current config has 128"):
         train(tiny_train_config(tmp_path, f"checkpoint.init_from={source}", "model.vision.width=128"))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_runs_train(tmp_path, precision):
+    train(tiny_train_config(tmp_path, f"precision={precision}", "max_steps=4", "deterministic=false"))
+    events = [e for e in read_metrics(tmp_path) if "train/loss" in e]
+    assert all(math.isfinite(e["train/loss"]) for e in events) and events[-1]["train/loss"] < events[0]["train/loss"]
+    assert ("train/loss_scale" in events[-1]) == (precision == "fp16")
+
+
+def test_activation_checkpointing_does_not_change_the_result(tmp_path, reference_run):
+    train(tiny_train_config(tmp_path, "grad_checkpointing=true"))
+    _assert_same_tensors(load_model_state(tmp_path / "checkpoints" / "step-12"),
+                         load_model_state(reference_run[0] / "checkpoints" / "step-12"))
