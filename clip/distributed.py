@@ -97,6 +97,13 @@ class StepControl:
         return sum(self.losses) / len(self.losses)
 
 
+def _average_gradient(param: torch.Tensor) -> None:
+    # Averaging is linear, so a gradient accumulated over several backward passes may be averaged
+    # after each of them: already-averaged parts are equal on all ranks and stay unchanged.
+    dist.all_reduce(param.grad)
+    param.grad.div_(dist.get_world_size())
+
+
 def exchange_step_control(has_batch: bool, finite: bool, stop: bool, loss: float, device: torch.device) -> StepControl:
     """All ranks learn every rank's flags and loss with a single tiny collective.
 
@@ -132,7 +139,9 @@ def apply_data_parallel(model: nn.Module, cfg: DistConfig, device: torch.device)
     """Wrap the (already checkpointed and compiled) model for data parallelism: DDP or FSDP2.
 
     FSDP2 shards every residual attention block of both towers, then the rest of the model
-    (embeddings, projections, a ResNet or timm trunk) as one unit. A world of one is left unwrapped.
+    (embeddings, projections, a ResNet or timm trunk) as one unit. FSDP2 cannot shard scalars
+    (logit_scale, logit_bias): they stay replicated and their gradients are averaged by a hook.
+    A world of one is left unwrapped.
     """
     if not dist.is_initialized():
         return model
@@ -144,7 +153,11 @@ def apply_data_parallel(model: nn.Module, cfg: DistConfig, device: torch.device)
         for module in model.modules():
             if isinstance(module, ResidualAttentionBlock):
                 fully_shard(module)
-        return fully_shard(model)
+        scalars = {param for param in model.parameters() if param.ndim == 0}
+        for param in scalars:
+            if param.requires_grad:
+                param.register_post_accumulate_grad_hook(_average_gradient)
+        return fully_shard(model, ignored_params=scalars)
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

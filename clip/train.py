@@ -460,15 +460,18 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     class token, logit_scale and logit_bias. Positional embeddings (2-D) decay, as in OpenCLIP's
     training code that produced the reference results. The learning rate is set every step by get_lr.
     """
-    decay, no_decay = [], []
+    decay, no_decay, scalars = [], [], []
     for param in model.parameters():
         if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
+            (decay if param.ndim >= 2 else no_decay if param.ndim == 1 else scalars).append(param)
+    # Scalars get their own group: under FSDP2 they are plain tensors among sharded ones, and the
+    # multi-tensor AdamW kernels want one kind of tensor per group.
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
+        {"params": scalars, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    return torch.optim.AdamW([group for group in groups if group["params"]], lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
 def get_lr(step: int, cfg: OptimConfig, max_steps: int) -> float:

@@ -182,11 +182,11 @@ def test_weight_decay_spares_gains_biases_class_token_and_temperature():
     from clip.models import CLIP, get_model_config
 
     model = CLIP(get_model_config("tiny-vit"))
-    decay, no_decay = build_optimizer(model, OptimConfig(weight_decay=0.2)).param_groups
+    decay, no_decay, scalars = build_optimizer(model, OptimConfig(weight_decay=0.2)).param_groups
     names = {id(p): name for name, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
-    spared = {names[id(p)] for p in no_decay["params"]}
-    assert decay["weight_decay"] == 0.2 and no_decay["weight_decay"] == 0.0
+    spared = {names[id(p)] for p in no_decay["params"] + scalars["params"]}
+    assert decay["weight_decay"] == 0.2 and no_decay["weight_decay"] == scalars["weight_decay"] == 0.0
     assert {"logit_scale", "visual.class_embedding", "ln_final.weight", "ln_final.bias",
             "visual.transformer.resblocks.0.attn.in_proj_bias"} <= spared
     assert {"visual.positional_embedding", "positional_embedding", "token_embedding.weight", "visual.conv1.weight",

@@ -48,10 +48,10 @@ def run_processes(world_size: int, overrides: list[str]) -> None:
             pytest.fail(f"{world_size}-process run did not finish in {TIMEOUT_S} s")
 
 
-@pytest.mark.parametrize("micro_batch_size", [0, 4])
-def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, micro_batch_size):
+@pytest.mark.parametrize("parallel, micro_batch_size", [("ddp", 0), ("ddp", 4), ("fsdp", 4)])
+def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, parallel, micro_batch_size):
     overrides = ["max_steps=4", "checkpoint.every_steps=0", f"micro_batch_size={micro_batch_size}",
-                 "optim.grad_clip_norm=0.5"]
+                 "optim.grad_clip_norm=0.5", f"dist.parallel={parallel}"]
     one, two = tmp_path / "one", tmp_path / "two"
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train_module, "build_train_loader", None)
@@ -65,3 +65,15 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, mi
         torch.testing.assert_close(distributed[key], value, rtol=1e-4, atol=1e-5, msg=key)
     # The comparison has teeth: training moved the weights far more than the tolerance.
     assert (reference["visual.proj"] - initial["visual.proj"]).abs().max() > 1e-3
+
+
+@pytest.mark.slow
+def test_fsdp_resumes_exactly_from_its_full_state_dict_checkpoint(tmp_path):
+    overrides = ["max_steps=4", "checkpoint.every_steps=0", "dist.parallel=fsdp"]
+    run_processes(2, [str(tmp_path / "straight"), *overrides])
+    run_processes(2, [str(tmp_path / "resumed"), *overrides, "fault.signal_at_step=2"])
+    run_processes(2, [str(tmp_path / "resumed"), *overrides])
+    straight = load_model_state(tmp_path / "straight" / "checkpoints" / "step-4")
+    resumed = load_model_state(tmp_path / "resumed" / "checkpoints" / "step-4")
+    for key, value in straight.items():
+        assert torch.equal(resumed[key], value), key
