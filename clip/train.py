@@ -22,6 +22,7 @@ import os
 import signal
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -583,10 +584,7 @@ def _restore(path, cfg, model, optimizer, scaler, loader, rank, world_size) -> t
 
 
 def _check_config_change(old: dict, new: dict, old_world: int, new_world: int, allowed: list[str], path: Path) -> None:
-    old_flat, new_flat = _flatten(old), _flatten(new)
-    old_flat["world_size"], new_flat["world_size"] = old_world, new_world
-    changes = {key: (old_flat.get(key), new_flat.get(key)) for key in sorted(old_flat.keys() | new_flat.keys())
-               if old_flat.get(key) != new_flat.get(key)}
+    changes = {key: (a, b) for key, a, b in _differences({**old, "world_size": old_world}, {**new, "world_size": new_world})}
 
     def matches(key: str, prefixes) -> bool:
         return any(key == prefix or key.startswith(prefix + ".") for prefix in prefixes)
@@ -607,14 +605,14 @@ def _check_config_change(old: dict, new: dict, old_world: int, new_world: int, a
         logger.info("resuming with changed settings: %s", describe(benign))
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
+def _differences(old: dict, new: dict, prefix: str = "") -> Iterator[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) for every leaf that differs between two nested dicts."""
+    for key in sorted(old.keys() | new.keys()):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            yield from _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            yield f"{prefix}{key}", a, b
 
 
 # --- data ---------------------------------------------------------------------------------------------
