@@ -116,6 +116,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     # --- checks with no side effects: a config error leaves no run directory and no process group
     validate_train_config(cfg)
     launch = read_launch_env()
+    setup_console_logging(is_main=launch.rank == 0)
     per_device_batch, num_microbatches = get_batch_plan(cfg, launch.world_size)
     run_dir = Path(cfg.output_dir)
     checkpoint_dir = run_dir / "checkpoints"
@@ -125,7 +126,6 @@ def train(cfg: TrainConfig) -> TrainResult:
     device = get_device(cfg.device, launch.local_rank)
     init_distributed(cfg.dist, launch, device)
     rank, world_size, is_main = launch.rank, launch.world_size, launch.rank == 0
-    setup_console_logging(is_main)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     torch.use_deterministic_algorithms(cfg.deterministic)

@@ -48,7 +48,11 @@ def run_processes(world_size: int, overrides: list[str]) -> None:
             pytest.fail(f"{world_size}-process run did not finish in {TIMEOUT_S} s")
 
 
-@pytest.mark.parametrize("parallel, micro_batch_size", [("ddp", 0), ("ddp", 4), ("fsdp", 4)])
+@pytest.mark.parametrize(
+    "parallel, micro_batch_size",
+    # DDP with GradCache micro-batches covers plain DDP's path too (its last micro-batch is a DDP step).
+    [pytest.param("ddp", 0, marks=pytest.mark.slow), ("ddp", 4), ("fsdp", 4)],
+)
 def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, parallel, micro_batch_size):
     overrides = ["max_steps=4", "checkpoint.every_steps=0", f"micro_batch_size={micro_batch_size}",
                  "optim.grad_clip_norm=0.5", f"dist.parallel={parallel}"]
