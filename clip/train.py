@@ -40,6 +40,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 import clip
 from clip.checkpoint import (
+    FORMAT_VERSION,
     TRAIN_STATE,
     find_latest,
     find_resumable,
@@ -183,6 +184,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     stop_request.install()
     fault_here = cfg.fault.rank in (-1, rank)
     flops_per_sample, peak_flops = _get_mfu_inputs(cfg, model_config, device)
+    model_config_json = json.dumps(dataclasses.asdict(model_config), sort_keys=True)
     checkpoint_meta = {"run_id": run_id, "world_size": world_size, "config_hash": _config_hash(cfg),
                        "library_version": clip.__version__}
 
@@ -201,8 +203,10 @@ def train(cfg: TrainConfig) -> TrainResult:
                 "run_id": run_id,
                 "world_size": world_size,
                 "config": json.dumps(dataclasses.asdict(cfg)),
-                "model_config": json.dumps(dataclasses.asdict(model_config)),
+                "model_config": model_config_json,
+                "model_config_hash": hashlib.sha256(model_config_json.encode()).hexdigest(),
                 "library_version": clip.__version__,
+                "format_version": FORMAT_VERSION,
             }
         rank_state = {"rng": get_rng_state(), "data": data_state}
         kill_phase = cfg.fault.kill_in_save_phase if fault_here and step == cfg.fault.kill_in_save_at_step else ""
