@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from collections import Counter
@@ -10,7 +11,17 @@ import pytest
 import torch
 
 from clip.data import DataError, build_train_loader
-from data_shards import data_config, loader_kwargs, make_shards, member_offsets, truncate, write_shard, write_sizes
+from clip.transforms import image_transform_eval, image_transform_train
+from data_shards import (
+    data_config,
+    loader_kwargs,
+    make_shards,
+    member_offsets,
+    tiny_jpeg,
+    truncate,
+    write_shard,
+    write_sizes,
+)
 
 
 def collect(loader, limit=None):
@@ -187,8 +198,6 @@ def test_pipe_shards_when_allowed(tmp_path):
 
 @pytest.mark.parametrize("suffix, sep", [(".csv", ","), (".tsv", "\t")])
 def test_csv_pairs_split_over_ranks_once_per_epoch(tmp_path, suffix, sep):
-    from data_shards import tiny_jpeg
-
     (tmp_path / "img").mkdir()
     rows = []
     for i in range(12):
@@ -243,3 +252,41 @@ def test_state_for_another_setup_is_refused(tmp_path):
     other = build_train_loader(cfg, **loader_kwargs(batch_size=8))
     with pytest.raises(ValueError, match=r"batch_size: 4 -> 8"):
         other.load_state_dict(state)
+
+
+@pytest.mark.parametrize("make", [lambda: image_transform_train(24), lambda: image_transform_eval(24)])
+def test_batched_normalisation_equals_the_transform_bitwise(make):
+    from PIL import Image
+
+    from clip.data.stream import ImageBatcher
+
+    transform = make()
+    images = [Image.open(io.BytesIO(tiny_jpeg(i, size=40))).convert(mode) for i, mode in enumerate(["RGB", "L", "RGB"])]
+    batcher = ImageBatcher(transform)
+    assert batcher.mean is not None  # the fast path is taken for the library's transforms
+    torch.manual_seed(5)
+    fast = batcher.stack([batcher(image) for image in images])
+    torch.manual_seed(5)
+    reference = torch.stack([transform(image) for image in images])
+    assert torch.equal(fast, reference)
+
+
+def test_pickled_members_never_run_through_the_whole_pipeline(tmp_path):
+    """S4 end to end: a shard with malicious .pyd/.pth members yields its samples and counts the rest."""
+    import pickle
+    import tarfile
+
+    from data_shards import add_member
+    from test_data_tar import _Payload
+
+    marker = tmp_path / "marker"
+    with tarfile.open(tmp_path / "evil.tar", "w") as tar:
+        for key in ("a", "b"):
+            add_member(tar, f"{key}.jpg", tiny_jpeg(1))
+            add_member(tar, f"{key}.pyd", pickle.dumps(_Payload(marker)))
+            add_member(tar, f"{key}.pth", pickle.dumps(_Payload(marker)))
+            add_member(tar, f"{key}.txt", b"caption")
+    write_sizes(str(tmp_path), {"evil.tar": 2})
+    keys, _, skipped = collect(build_train_loader(data_config(f"{tmp_path}/evil.tar"), **loader_kwargs(batch_size=2)))
+    assert sorted(flat(keys)) == ["a", "b"] and skipped == {"ignored_member": 4}
+    assert not marker.exists()

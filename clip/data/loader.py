@@ -106,17 +106,17 @@ class _SkipMonitor:
         self.epoch_lost += lost
         self.epoch_shard_losses.update(output.shard_losses)
         if self.window_samples >= SKIP_WINDOW_SAMPLES:
-            shard_losses = sum((entry[2] for entry in self.window), Counter())
-            self._check(self.window_lost, self.window_samples, shard_losses, f"the last {self.window_samples} samples")
+            losses = [entry[2] for entry in self.window]
+            self._check(self.window_lost, self.window_samples, losses, f"the last {self.window_samples} samples")
 
     def end_epoch(self, epoch: int) -> None:
-        self._check(self.epoch_lost, self.epoch_samples, self.epoch_shard_losses, f"epoch {epoch}")
+        self._check(self.epoch_lost, self.epoch_samples, [self.epoch_shard_losses], f"epoch {epoch}")
         self.epoch_samples = self.epoch_lost = 0
         self.epoch_shard_losses = Counter()
 
-    def _check(self, lost: int, samples: int, shard_losses: Counter, where: str) -> None:
+    def _check(self, lost: int, samples: int, shard_losses: list[Counter], where: str) -> None:
         if samples and lost / samples > self.max_skip_fraction:
-            worst = ", ".join(f"{url} ({n})" for url, n in shard_losses.most_common(5))
+            worst = ", ".join(f"{url} ({n})" for url, n in sum(shard_losses, Counter()).most_common(5))
             raise DataError(
                 f"rank {self.rank}: {lost} of {samples} samples in {where} were skipped ({lost / samples:.1%}), "
                 f"more than data.max_skip_fraction={self.max_skip_fraction}; worst shards: {worst}"

@@ -104,7 +104,7 @@ def render_scene(rng: random.Random, image_size: int) -> tuple[Image.Image, str,
     if kind < 0.7:  # one object: the most informative captions
         color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
         large = rng.random() < 0.5
-        r = image_size * (rng.uniform(0.2, 0.28) if large else rng.uniform(0.1, 0.15))
+        r = image_size * (rng.uniform(0.25, 0.33) if large else rng.uniform(0.16, 0.22))
         cx, cy, where = _place(rng, image_size, r)
         _draw_shape(draw, shape, cx, cy, r, COLORS[color])
         size_word = "large" if large else "small"
@@ -125,7 +125,7 @@ def render_scene(rng: random.Random, image_size: int) -> tuple[Image.Image, str,
     elif kind < 0.9:  # several copies of one object
         color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
         count = rng.choice((2, 3))
-        r = image_size * rng.uniform(0.08, 0.12)
+        r = image_size * rng.uniform(0.12, 0.16)
         for _ in range(count):
             cx, cy = rng.uniform(r, image_size - r), rng.uniform(r, image_size - r)
             _draw_shape(draw, shape, cx, cy, r, COLORS[color])
@@ -136,7 +136,7 @@ def render_scene(rng: random.Random, image_size: int) -> tuple[Image.Image, str,
         meta = {"objects": [{"color": color, "shape": shape, "size": "small"}] * count, "background": background}
     else:  # two different objects
         objects = [(rng.choice(list(COLORS)), rng.choice(SHAPES)) for _ in range(2)]
-        r = image_size * rng.uniform(0.12, 0.16)
+        r = image_size * rng.uniform(0.15, 0.2)
         left, right = (image_size * 0.27, image_size * 0.73)
         for (color, shape), cx in zip(objects, (left, right)):
             _draw_shape(draw, shape, cx, rng.uniform(r, image_size - r), r, COLORS[color])
@@ -155,7 +155,7 @@ def render_scene(rng: random.Random, image_size: int) -> tuple[Image.Image, str,
 def render_class_image(rng: random.Random, image_size: int, color: str, shape: str) -> Image.Image:
     """One object of the given class, with random size, position and background."""
     image = Image.new("RGB", (image_size, image_size), BACKGROUNDS[rng.choice(list(BACKGROUNDS))])
-    r = image_size * rng.uniform(0.1, 0.28)
+    r = image_size * rng.uniform(0.16, 0.33)
     cx, cy, _ = _place(rng, image_size, r)
     _draw_shape(ImageDraw.Draw(image), shape, cx, cy, r, COLORS[color])
     return image
