@@ -124,7 +124,7 @@ def decode_image(record: Record) -> Image.Image | SkipEvent:
         if image.width * image.height > MAX_IMAGE_PIXELS:
             return SkipEvent("too_large", record.shard, record.key, f"{image.width}x{image.height} pixels")
         image.load()
-        # Converting before the crop (not after, as the eval transform does) keeps palette images from
+        # Converting before the crop (clip.transforms convert after it) keeps palette images from
         # being resized with nearest-neighbour; for RGB and grayscale the result is the same.
         return image if image.mode == "RGB" else image.convert("RGB")
     except Image.DecompressionBombError as e:
