@@ -8,7 +8,7 @@ classes. Field names are the config keys users type (`model.vision.width=1024`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
 VISION_KINDS = ("vit", "resnet", "timm")
@@ -131,6 +131,31 @@ def validate_model_config(cfg: ModelConfig, prefix: str = "model") -> None:
         raise ValueError("invalid model config: " + "; ".join(problems))
 
 
+def model_config_to_dict(cfg: ModelConfig) -> dict:
+    """Plain JSON-able dict of a model config (stored inside checkpoints and exports)."""
+    return asdict(cfg)
+
+
+def model_config_from_dict(data: dict, prefix: str = "model") -> ModelConfig:
+    """Inverse of `model_config_to_dict`; unknown keys raise ValueError naming them, absent keys take defaults."""
+    data = dict(data)
+    sections = {"vision": VisionConfig, "text": TextConfig}
+    parts = {}
+    for section, section_cls in sections.items():
+        parts[section] = _dataclass_from_dict(section_cls, data.pop(section, {}), f"{prefix}.{section}")
+    cfg = _dataclass_from_dict(ModelConfig, data, prefix, **parts)
+    validate_model_config(cfg, prefix)
+    return cfg
+
+
+def _dataclass_from_dict(cls: type, data: dict, prefix: str, **extra):
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown config keys: {', '.join(f'{prefix}.{key}' for key in unknown)}")
+    return cls(**data, **extra)
+
+
 @dataclass
 class DataConfig:
     """Training data: WebDataset tar shards (img2dataset layout) and/or CSV/TSV files of (image, caption).
@@ -146,9 +171,9 @@ class DataConfig:
     # One upsampling factor per '::' source: a shard is drawn with probability proportional to its
     # source's weight (resampled mode only). Empty: every source weighs 1.
     train_weights: list[float] = field(default_factory=list)
-    # JSON file of per-shard sample counts ({"00000.tar": 10000, ...} or our manifest format). Default:
-    # `manifest.json` or `sizes.json` beside each source's first shard. Epoch mode needs the counts (they
-    # fix the steps per epoch); both modes use them to detect truncated shards.
+    # JSON file of per-shard sample counts in OpenCLIP's sizes.json format ({"00000.tar": 10000, ...}).
+    # Default: the `sizes.json` beside each shard. Epoch mode needs the counts (they fix the steps per
+    # epoch); both modes use them to detect truncated shards.
     train_manifest: Optional[str] = None
     # True: an endless stream drawing shards with replacement (OpenCLIP's choice for web-scale data).
     # False: epochs that read every shard exactly once, split over ranks and workers.
@@ -166,7 +191,7 @@ class DataConfig:
     csv_image_key: str = "filepath"
     csv_caption_key: str = "title"
     # Stop with an error naming the worst shards when more than this fraction of samples is skipped
-    # (corrupt image, missing caption, truncated or unreadable shard).
+    # (corrupt or oversized image, missing caption).
     max_skip_fraction: float = 0.05
     # Stop when more shards than this cannot be opened on one rank (missing file, failed command).
     max_unreadable_shards: int = 4

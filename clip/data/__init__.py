@@ -1,7 +1,8 @@
-"""Training data: WebDataset shards and CSV files -> batches with exact, resumable positions.
+"""Data: the training pipeline and the evaluation datasets.
 
     from clip.data import build_train_loader, check_train_data
 
+Training: WebDataset shards and CSV files -> batches with exact, resumable positions (docs/data.md).
 Eval datasets live in `clip.data.eval_datasets`; the synthetic shard writer in `clip.data.synthetic`.
 """
 
