@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import tarfile
 from collections import Counter
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 from clip.data import DataError, build_train_loader
 from clip.transforms import image_transform_eval, image_transform_train
 from data_shards import (
+    add_member,
     data_config,
     loader_kwargs,
     make_shards,
@@ -42,34 +44,40 @@ def flat(batches):
 
 @pytest.fixture
 def faulty_shards(tmp_path):
-    """G8's recipe: A has 5 corrupt images; B is cut at a header boundary (the silent case), C mid-member."""
-    keys = {name: [f"{name}-{i:03d}" for i in range(100)] for name in "ABC"}
+    """G8's recipe: A has 5 corrupt images; B is cut at a header boundary (the silent case), C mid-member;
+    plus D, whose samples 7 and 8 have no caption."""
+    keys = {name: [f"{name}-{i:03d}" for i in range(100)] for name in "ABCD"}
     for name in "ABC":
         corrupt = frozenset(keys["A"][i] for i in (3, 20, 41, 77, 99)) if name == "A" else frozenset()
         write_shard(str(tmp_path / f"{name}.tar"), keys[name], corrupt=corrupt)
-    write_sizes(str(tmp_path), {f"{name}.tar": 100 for name in "ABC"})
+    with tarfile.open(tmp_path / "D.tar", "w") as tar:
+        for i, key in enumerate(keys["D"]):
+            add_member(tar, f"{key}.jpg", tiny_jpeg(i))
+            if i not in (7, 8):
+                add_member(tar, f"{key}.txt", b"a caption")
+    write_sizes(str(tmp_path), {f"{name}.tar": 100 for name in "ABCD"})
     members_b = member_offsets(str(tmp_path / "B.tar"))
     truncate(str(tmp_path / "B.tar"), members_b[2 * 60][1])  # before the header of sample 60's image
     members_c = member_offsets(str(tmp_path / "C.tar"))
     truncate(str(tmp_path / "C.tar"), members_c[2 * 30][2] + 10)  # inside sample 30's image
-    return str(tmp_path), 95 + 60 + 30
+    return str(tmp_path), 95 + 60 + 30 + 98
 
 
 def test_bad_data_is_skipped_counted_and_named(faulty_shards, caplog):
     directory, expected = faulty_shards
-    cfg = data_config(f"{directory}/{{A,B,C}}.tar", num_workers=2)
+    cfg = data_config(f"{directory}/{{A,B,C,D}}.tar", num_workers=2)
     with caplog.at_level(logging.WARNING, logger="clip.data"):
         keys, _, skipped = collect(build_train_loader(cfg, **loader_kwargs(batch_size=1)))
     assert len(flat(keys)) == len(set(flat(keys))) == expected
-    assert skipped == {"decode_error": 5, "truncated_shard": 2}
+    assert skipped == {"decode_error": 5, "truncated_shard": 2, "missing_field": 2}
     warnings = caplog.text
-    assert "B.tar" in warnings and "C.tar" in warnings and "decode_error" in warnings
+    assert "B.tar" in warnings and "C.tar" in warnings and "decode_error" in warnings and "D-007" in warnings
 
 
 def test_skip_rate_above_the_limit_stops_naming_the_worst_shard(faulty_shards):
     directory, _ = faulty_shards
-    cfg = data_config(f"{directory}/{{A,B,C}}.tar", max_skip_fraction=0.01)
-    with pytest.raises(DataError, match=r"5 of 190 samples .* data\.max_skip_fraction=0\.01; worst shards: .*A\.tar \(5\)"):
+    cfg = data_config(f"{directory}/{{A,B,C,D}}.tar", max_skip_fraction=0.01)
+    with pytest.raises(DataError, match=r"7 of 290 samples .* data\.max_skip_fraction=0\.01; worst shards: .*A\.tar \(5\)"):
         collect(build_train_loader(cfg, **loader_kwargs(batch_size=1)))
 
 
@@ -274,17 +282,15 @@ def test_batched_normalisation_equals_the_transform_bitwise(make):
 def test_pickled_members_never_run_through_the_whole_pipeline(tmp_path):
     """S4 end to end: a shard with malicious .pyd/.pth members yields its samples and counts the rest."""
     import pickle
-    import tarfile
 
-    from data_shards import add_member
-    from test_data_tar import _Payload
+    from payloads import SystemCallPayload
 
     marker = tmp_path / "marker"
     with tarfile.open(tmp_path / "evil.tar", "w") as tar:
         for key in ("a", "b"):
             add_member(tar, f"{key}.jpg", tiny_jpeg(1))
-            add_member(tar, f"{key}.pyd", pickle.dumps(_Payload(marker)))
-            add_member(tar, f"{key}.pth", pickle.dumps(_Payload(marker)))
+            add_member(tar, f"{key}.pyd", pickle.dumps(SystemCallPayload(marker)))
+            add_member(tar, f"{key}.pth", pickle.dumps(SystemCallPayload(marker)))
             add_member(tar, f"{key}.txt", b"caption")
     write_sizes(str(tmp_path), {"evil.tar": 2})
     keys, _, skipped = collect(build_train_loader(data_config(f"{tmp_path}/evil.tar"), **loader_kwargs(batch_size=2)))

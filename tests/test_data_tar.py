@@ -13,6 +13,7 @@ import pytest
 from clip.data.records import Record, SkipEvent
 from clip.data.tar_reader import iter_tar_samples, split_key
 from data_shards import add_member, member_offsets, tiny_jpeg, truncate, write_shard
+from payloads import SystemCallPayload
 
 CAP = 64 * 1024 * 1024
 
@@ -115,18 +116,10 @@ def test_missing_and_empty_fields(tmp_path):
     ]
 
 
-class _Payload:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_pickle_members_are_never_decoded(tmp_path):
     """S4: webdataset's default .decode() would unpickle these; here they are counted and dropped."""
     marker = tmp_path / "marker"
-    payload = pickle.dumps(_Payload(marker))
+    payload = pickle.dumps(SystemCallPayload(marker))
     path = str(tmp_path / "evil.tar")
     with tarfile.open(path, "w") as tar:
         add_member(tar, "000.jpg", tiny_jpeg(1))
