@@ -52,7 +52,7 @@ class Source:
     spec: str
     weight: float
     shards: list[Shard] = field(default_factory=list)  # tar sources
-    csv_rows: Optional[list[tuple[str, str]]] = None  # CSV sources (read only when `read_csv`)
+    csv_rows: Optional[list[tuple[str, str]]] = None  # CSV sources: (image path, caption) rows
 
 
 def is_pipe(url: str) -> bool:
