@@ -65,7 +65,6 @@ from clip.config import (
     validate_train_config,
 )
 from clip.distributed import (
-    all_ranks_agree,
     apply_data_parallel,
     barrier,
     destroy_distributed,
