@@ -320,3 +320,11 @@ def test_activation_checkpointing_does_not_change_the_result(tmp_path, reference
     train(tiny_train_config(tmp_path, "grad_checkpointing=true"))
     _assert_same_tensors(load_model_state(tmp_path / "checkpoints" / "step-12"),
                          load_model_state(reference_run[0] / "checkpoints" / "step-12"))
+
+
+def test_the_siglip_recipe_trains_its_bias(tmp_path):
+    train(tiny_train_config(tmp_path, "loss=siglip", "max_steps=4", "checkpoint.every_steps=1"))
+    events = [e for e in read_metrics(tmp_path) if "train/loss" in e]
+    assert events[-1]["train/loss"] < events[0]["train/loss"]
+    first, last = (load_model_state(tmp_path / "checkpoints" / f"step-{s}") for s in (1, 4))
+    assert first["logit_bias"].item() != last["logit_bias"].item()
