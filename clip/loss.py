@@ -1,0 +1,164 @@
+"""Contrastive losses over a batch spread across ranks: CLIP's softmax loss and SigLIP's sigmoid loss.
+
+Notation: the global batch has N = W * n pairs, n per rank; rank r holds image features x_i and
+text features y_i (L2-normalised) for its n pairs and all-gathers everyone's, with gradient. The
+logits are l_ij = t * <x_i, y_j> (+ b for SigLIP), t = exp(logit_scale).
+
+Both losses split into a term per *row* (one local feature against all N global columns) minus
+the logits of the positive pairs, which are local to the rank:
+
+    CLIP (arXiv:2103.00020): mean_i [ (lse_j l_ij + lse_j l_ji) / 2 - l_ii ]     (symmetric InfoNCE)
+    SigLIP (arXiv:2303.15343): (1/n) sum_i [ sum_j softplus(l_ij) - l_ii ]       (-log sigmoid(+-l))
+
+(since -log sigmoid(-l) = softplus(l) for negatives and -log sigmoid(l) = softplus(l) - l). Each
+rank returns the mean over its own rows, so the mean over ranks is the global-batch loss. DDP
+averages gradients over ranks, and the all-gather's backward sums over ranks the gradients that
+every rank's rows send to a feature, so after DDP the encoder, temperature and bias gradients are
+those of one process computing the loss on the whole global batch (tests/test_loss.py proves it).
+
+`chunk_size > 0` bounds memory for very large global batches: the row terms are computed over
+column chunks of that size, each chunk under activation checkpointing, so forward and backward
+only ever hold [n, chunk] logits (the backward recomputes them chunk by chunk) instead of [n, N].
+The per-chunk results (a logsumexp or a sum per row) combine exactly, so values and gradients
+equal the plain mode's up to floating-point rounding.
+
+The loss is computed in float32 (float64 inputs stay float64), with autocast disabled.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from clip.config import LossConfig
+from clip.distributed import all_gather_with_grad
+
+
+def _logits(rows: torch.Tensor, columns: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor]):
+    logits = scale * rows @ columns.T  # [n, C]
+    return logits if bias is None else logits + bias
+
+
+def _clip_row_term(rows, columns, scale, bias):
+    return torch.logsumexp(_logits(rows, columns, scale, bias), dim=1)  # [n]
+
+
+def _siglip_row_term(rows, columns, scale, bias):
+    return F.softplus(_logits(rows, columns, scale, bias)).sum(dim=1)  # [n]
+
+
+def _logsumexp_columns(x: torch.Tensor) -> torch.Tensor:
+    return torch.logsumexp(x, dim=1)
+
+
+def _sum_columns(x: torch.Tensor) -> torch.Tensor:
+    return x.sum(dim=1)
+
+
+def _reduce_rows(
+    row_term: Callable[..., torch.Tensor],
+    combine: Callable[[torch.Tensor], torch.Tensor],
+    rows: torch.Tensor,
+    columns: torch.Tensor,
+    scale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    chunk_size: int,
+) -> torch.Tensor:
+    """row_term over all columns [N, D] for each row [n, D] -> [n], in column chunks if chunk_size > 0."""
+    if chunk_size <= 0 or chunk_size >= columns.shape[0]:
+        return row_term(rows, columns, scale, bias)
+    # Checkpointing keeps only each chunk's [n] result; the [n, chunk] logits are recomputed in
+    # the backward pass one chunk at a time. split() views share one backward that concatenates.
+    partials = [
+        checkpoint(row_term, rows, chunk, scale, bias, use_reentrant=False)
+        for chunk in columns.split(chunk_size)
+    ]
+    return combine(torch.stack(partials, dim=1))  # [n, num_chunks] -> [n]
+
+
+def _to_loss_dtype(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+class _ContrastiveLoss(nn.Module):
+    """Shared frame: dtype and autocast handling, the all-gather, and argument checks."""
+
+    uses_bias: bool
+
+    def __init__(self, chunk_size: int = 0):
+        super().__init__()
+        if chunk_size < 0:
+            raise ValueError(f"chunk_size={chunk_size} must be >= 0 (0: no chunking)")
+        self.chunk_size = chunk_size
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor,
+        logit_bias: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Rank-local loss (its mean over ranks is the global-batch loss) from this rank's
+        L2-normalised features [n, D] and the exponentiated temperature `logit_scale`."""
+        name = type(self).__name__
+        if self.uses_bias and logit_bias is None:
+            raise ValueError(f"{name} needs a learned logit_bias: set model.init_logit_bias (SigLIP: -10)")
+        if not self.uses_bias and logit_bias is not None:
+            raise ValueError(
+                f"{name} does not use logit_bias, but the model has one: unset model.init_logit_bias "
+                "(an unused parameter would also stall DDP)"
+            )
+        if image_features.shape != text_features.shape:
+            raise ValueError(
+                f"image_features {tuple(image_features.shape)} and text_features "
+                f"{tuple(text_features.shape)} must have the same shape [n, D]"
+            )
+        with torch.autocast(device_type=image_features.device.type, enabled=False):
+            image, text, scale = map(_to_loss_dtype, (image_features, text_features, logit_scale))
+            bias = None if logit_bias is None else _to_loss_dtype(logit_bias)
+            return self._loss(image, text, scale, bias)
+
+    def _loss(self, image, text, scale, bias) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class ClipLoss(_ContrastiveLoss):
+    """CLIP's symmetric InfoNCE over the global batch: each image against all texts and vice versa."""
+
+    uses_bias = False
+
+    def _loss(self, image, text, scale, bias):
+        all_image, all_text = all_gather_with_grad(image), all_gather_with_grad(text)  # [N, D]
+        image_to_text = _reduce_rows(_clip_row_term, _logsumexp_columns, image, all_text, scale, None, self.chunk_size)
+        text_to_image = _reduce_rows(_clip_row_term, _logsumexp_columns, text, all_image, scale, None, self.chunk_size)
+        positive = scale * (image * text).sum(dim=1)  # [n]
+        return ((image_to_text + text_to_image) / 2 - positive).mean()
+
+
+class SigLipLoss(_ContrastiveLoss):
+    """SigLIP's pairwise sigmoid loss over all N x N pairs of the global batch, with a learned bias.
+
+    The SigLIP paper initialises the temperature at 10 and the bias at -10: set
+    model.init_logit_scale=ln(10) and model.init_logit_bias=-10.
+    """
+
+    uses_bias = True
+
+    def _loss(self, image, text, scale, bias):
+        # Rows are local images, columns all texts: every pair of the global batch is one rank's row.
+        all_text = all_gather_with_grad(text)  # [N, D]
+        all_pairs = _reduce_rows(_siglip_row_term, _sum_columns, image, all_text, scale, bias, self.chunk_size)
+        positive = scale * (image * text).sum(dim=1) + bias  # [n]
+        return (all_pairs - positive).mean()
+
+
+def build_loss(cfg: LossConfig) -> _ContrastiveLoss:
+    """The loss named by `loss.name` ("clip" or "siglip")."""
+    losses = {"clip": ClipLoss, "siglip": SigLipLoss}
+    if cfg.name not in losses:
+        raise ValueError(f"loss.name={cfg.name!r} is not one of {tuple(losses)}")
+    return losses[cfg.name](chunk_size=cfg.chunk_size)

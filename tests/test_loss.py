@@ -1,0 +1,216 @@
+"""Contrastive losses: parity with OpenCLIP on one process, and exactness across ranks.
+
+"Exact across ranks" (RELIABILITY G12): W ranks, each holding N / W pairs, give after DDP's
+gradient averaging the loss and gradients of one process holding all N pairs. Without a model,
+DDP's averaging is applied by hand: the mean of the ranks' losses and temperature/bias
+gradients, and each rank's feature gradient divided by W (what DDP's 1/W does downstream).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import clip.loss
+from clip.config import LossConfig, ModelConfig, validate_loss_config
+from clip.loss import ClipLoss, SigLipLoss, build_loss
+from tests.multiprocess import run_on_ranks
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """One intra-op thread: on a shared 2-core machine, OpenMP threads waiting on each other make
+    these small ops 10-100x slower (measured)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+GLOBAL_BATCH, DIM = 16, 8
+# name -> (loss, chunk_size); chunk 5 leaves a ragged last chunk of 1 column.
+CASES = {
+    "clip": ("clip", 0),
+    "clip-chunked": ("clip", 5),
+    "siglip": ("siglip", 0),
+    "siglip-chunked": ("siglip", 5),
+}
+TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5}  # max relative error, G12
+
+
+def make_inputs(dtype: torch.dtype, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A global batch of matching pairs (text = image + noise), temperature and bias."""
+    generator = torch.Generator().manual_seed(seed)
+    image = torch.randn(GLOBAL_BATCH, DIM, generator=generator, dtype=torch.float64)
+    text = image + 0.7 * torch.randn(GLOBAL_BATCH, DIM, generator=generator, dtype=torch.float64)
+    return {
+        "image": F.normalize(image, dim=-1).to(dtype),
+        "text": F.normalize(text, dim=-1).to(dtype),
+        "scale": torch.tensor(1 / 0.07, dtype=dtype),
+        "bias": torch.tensor(-10.0 + 3.0, dtype=dtype),
+    }
+
+
+def loss_and_grads(loss_fn, name: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Loss and gradients with respect to features, temperature (and bias for SigLIP)."""
+    leaves = {key: value.clone().requires_grad_() for key, value in inputs.items() if key != "bias" or name == "siglip"}
+    loss = loss_fn(leaves["image"], leaves["text"], leaves["scale"], leaves.get("bias"))
+    loss.backward()
+    return {"loss": loss.detach(), **{key: leaf.grad for key, leaf in leaves.items()}}
+
+
+def max_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| relative to max |expected| (an all-zero gradient must stay zero)."""
+    scale = expected.abs().max().clamp_min(torch.finfo(expected.dtype).tiny)
+    return ((actual - expected).abs().max() / scale).item()
+
+
+def _gather_without_grad(x: torch.Tensor) -> torch.Tensor:
+    # The classic mistake: other ranks' features become constants, their gradients are lost.
+    gathered = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, x.contiguous())
+    return torch.cat(gathered)
+
+
+def _rank_losses() -> dict[str, dict[str, torch.Tensor]]:
+    """On each rank: every case on this rank's slice of the global batch, plus the wrong gather."""
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    rows = slice(rank * GLOBAL_BATCH // world_size, (rank + 1) * GLOBAL_BATCH // world_size)
+    results = {}
+    for dtype in TOLERANCE:
+        inputs = make_inputs(dtype)
+        local = {**inputs, "image": inputs["image"][rows], "text": inputs["text"][rows]}
+        for case, (name, chunk_size) in CASES.items():
+            results[f"{case}/{dtype}"] = loss_and_grads(build_loss(LossConfig(name, chunk_size)), name, local)
+        clip.loss.all_gather_with_grad = _gather_without_grad
+        try:
+            results[f"clip-no-grad-gather/{dtype}"] = loss_and_grads(ClipLoss(), "clip", local)
+        finally:
+            clip.loss.all_gather_with_grad = clip.distributed.all_gather_with_grad
+    return results
+
+
+def _average_like_ddp(rank_results: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    world_size = len(rank_results)
+    averaged = {key: torch.stack([r[key] for r in rank_results]).mean(0) for key in ("loss", "scale", "bias")
+                if key in rank_results[0]}
+    for key in ("image", "text"):
+        averaged[key] = torch.cat([r[key] for r in rank_results]) / world_size
+    return averaged
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_distributed_loss_equals_global_batch(world_size):
+    per_rank = run_on_ranks(_rank_losses, world_size)
+    for dtype, tolerance in TOLERANCE.items():
+        inputs = make_inputs(dtype)
+        for case, (name, chunk_size) in CASES.items():
+            expected = loss_and_grads(build_loss(LossConfig(name, chunk_size)), name, inputs)
+            actual = _average_like_ddp([r[f"{case}/{dtype}"] for r in per_rank])
+            assert actual.keys() == expected.keys()
+            for key in expected:
+                error = max_relative_error(actual[key], expected[key])
+                assert error <= tolerance, f"{case} {dtype} W={world_size}: d{key} relative error {error:.2e}"
+
+        # The check has teeth: gathering without gradient loses the other ranks' contributions.
+        expected = loss_and_grads(ClipLoss(), "clip", inputs)
+        wrong = _average_like_ddp([r[f"clip-no-grad-gather/{dtype}"] for r in per_rank])
+        assert max_relative_error(wrong["loss"], expected["loss"]) <= tolerance  # same value...
+        assert max_relative_error(wrong["image"], expected["image"]) > 0.1  # ...wrong gradient
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_single_process_matches_open_clip(case):
+    open_clip_loss = pytest.importorskip("open_clip.loss")
+    name, chunk_size = CASES[case]
+    reference = {"clip": open_clip_loss.ClipLoss, "siglip": open_clip_loss.SigLipLoss}[name]()
+    inputs = make_inputs(torch.float64)
+    expected = loss_and_grads(reference, name, inputs)
+    actual = loss_and_grads(build_loss(LossConfig(name, chunk_size)), name, inputs)
+    for key in expected:
+        assert max_relative_error(actual[key], expected[key]) <= 1e-12, key
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_loss_is_float32_under_autocast(case):
+    name, chunk_size = CASES[case]
+    inputs = make_inputs(torch.float32)
+    loss_fn = build_loss(LossConfig(name, chunk_size))
+    bias = inputs["bias"] if name == "siglip" else None
+    low = {key: inputs[key].bfloat16() for key in ("image", "text")}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = loss_fn(low["image"], low["text"], inputs["scale"], bias)
+    assert loss.dtype == torch.float32
+    # Same as casting the bf16 features to float32 first: nothing in the loss ran in bf16.
+    assert loss == loss_fn(low["image"].float(), low["text"].float(), inputs["scale"], bias)
+
+
+def _peak_memory_growth_mib(local: int, global_: int, chunk_sizes: list[int]) -> list[float]:
+    """Peak RSS growth of one ClipLoss forward+backward per chunk size, in increasing order of memory."""
+    import ctypes
+    import resource
+
+    # glibc then serves every allocation over 64 KiB with mmap and unmaps it when freed, so peak RSS
+    # follows live memory (its adaptive threshold would leave freed blocks resident in the heap).
+    M_MMAP_THRESHOLD = -3
+    ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 64 * 1024)
+
+    def peak_mib():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+    image = F.normalize(torch.randn(local, DIM), dim=-1).requires_grad_()
+    text = F.normalize(torch.randn(local, DIM), dim=-1).requires_grad_()
+    scale = torch.tensor(10.0, requires_grad=True)
+    ClipLoss(chunk_size=2)(image[:4], text[:4], scale).backward()  # first-call allocations out of the way
+    # One rank of a job of global_ / local ranks: the gathered features are made up here, as the
+    # real all-gather is replaced by a concatenation that keeps the gradient path to local rows.
+    others = F.normalize(torch.randn(global_ - local, DIM), dim=-1)
+    clip.loss.all_gather_with_grad = lambda x: torch.cat([x, others])
+    growth = []
+    for chunk_size in chunk_sizes:
+        before = peak_mib()
+        ClipLoss(chunk_size=chunk_size)(image, text, scale).backward()
+        growth.append(peak_mib() - before)
+    return growth
+
+
+def test_chunked_mode_bounds_peak_memory():
+    """Peak loss memory: ~[n, chunk] logits chunked, several [n, N] logits plain (measured in a fresh process)."""
+    local, global_ = 256, 32768  # one [local, global] float32 logits matrix: 32 MiB
+    (chunked, plain), = run_on_ranks(_peak_memory_growth_mib, 1, args=(local, global_, [1024, 0]),
+                                     init_process_group=False)
+    assert chunked < 16, f"chunked loss grew peak memory by {chunked:.1f} MiB"
+    assert plain > 96, f"plain loss grew peak memory by only {plain:.1f} MiB"
+
+
+def test_rejects_bad_input():
+    inputs = make_inputs(torch.float32)
+    image, text, scale, bias = inputs["image"], inputs["text"], inputs["scale"], inputs["bias"]
+    with pytest.raises(ValueError, match="init_logit_bias"):
+        ClipLoss()(image, text, scale, bias)
+    with pytest.raises(ValueError, match="init_logit_bias"):
+        SigLipLoss()(image, text, scale)
+    with pytest.raises(ValueError, match="same shape"):
+        ClipLoss()(image, text[:-1], scale)
+    with pytest.raises(ValueError, match="chunk_size"):
+        ClipLoss(chunk_size=-1)
+    with pytest.raises(ValueError, match="loss.name='softmax'"):
+        build_loss(LossConfig(name="softmax"))
+
+
+def test_validate_loss_config_names_keys():
+    siglip_model = ModelConfig(init_logit_scale=math.log(10), init_logit_bias=-10.0)
+    validate_loss_config(LossConfig(), ModelConfig())
+    validate_loss_config(LossConfig(name="siglip", chunk_size=1024), siglip_model)
+    with pytest.raises(ValueError, match=r"loss.name='siglip' needs .* model.init_logit_bias"):
+        validate_loss_config(LossConfig(name="siglip"), ModelConfig())
+    with pytest.raises(ValueError, match=r"model.init_logit_bias=-10.0"):
+        validate_loss_config(LossConfig(name="clip"), siglip_model)
+    with pytest.raises(ValueError, match=r"loss.chunk_size=-2"):
+        validate_loss_config(LossConfig(chunk_size=-2), ModelConfig())
+    with pytest.raises(ValueError, match=r"loss.name='infonce'"):
+        validate_loss_config(LossConfig(name="infonce"), ModelConfig())
