@@ -38,19 +38,6 @@ from clip.config import LossConfig
 from clip.distributed import all_gather_with_grad
 
 
-def _logits(rows: torch.Tensor, columns: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor]):
-    logits = scale * rows @ columns.T  # [n, C]
-    return logits if bias is None else logits + bias
-
-
-def _clip_row_term(rows, columns, scale, bias):
-    return torch.logsumexp(_logits(rows, columns, scale, bias), dim=1)  # [n]
-
-
-def _siglip_row_term(rows, columns, scale, bias):
-    return F.softplus(_logits(rows, columns, scale, bias)).sum(dim=1)  # [n]
-
-
 def _logsumexp_columns(x: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(x, dim=1)
 
@@ -59,25 +46,36 @@ def _sum_columns(x: torch.Tensor) -> torch.Tensor:
     return x.sum(dim=1)
 
 
+def _row_term(rows, columns, scale, bias, pointwise, reduce) -> torch.Tensor:
+    logits = scale * rows @ columns.T  # [n, C]
+    if bias is not None:
+        logits = logits + bias
+    return reduce(logits if pointwise is None else pointwise(logits))  # [n]
+
+
 def _reduce_rows(
-    row_term: Callable[..., torch.Tensor],
-    combine: Callable[[torch.Tensor], torch.Tensor],
     rows: torch.Tensor,
     columns: torch.Tensor,
     scale: torch.Tensor,
     bias: Optional[torch.Tensor],
+    pointwise: Optional[Callable[[torch.Tensor], torch.Tensor]],
+    reduce: Callable[[torch.Tensor], torch.Tensor],
     chunk_size: int,
 ) -> torch.Tensor:
-    """row_term over all columns [N, D] for each row [n, D] -> [n], in column chunks if chunk_size > 0."""
+    """reduce(pointwise(logits)) over the columns [N, D], for each row [n, D] -> [n].
+
+    `reduce` (logsumexp or sum) is associative, so with chunk_size > 0 it is applied to column
+    chunks and then to the per-chunk results.
+    """
     if chunk_size <= 0 or chunk_size >= columns.shape[0]:
-        return row_term(rows, columns, scale, bias)
+        return _row_term(rows, columns, scale, bias, pointwise, reduce)
     # Checkpointing keeps only each chunk's [n] result; the [n, chunk] logits are recomputed in
     # the backward pass one chunk at a time. split() views share one backward that concatenates.
     partials = [
-        checkpoint(row_term, rows, chunk, scale, bias, use_reentrant=False)
+        checkpoint(_row_term, rows, chunk, scale, bias, pointwise, reduce, use_reentrant=False)
         for chunk in columns.split(chunk_size)
     ]
-    return combine(torch.stack(partials, dim=1))  # [n, num_chunks] -> [n]
+    return reduce(torch.stack(partials, dim=1))  # [n, num_chunks] -> [n]
 
 
 def _to_loss_dtype(t: torch.Tensor) -> torch.Tensor:
@@ -133,8 +131,8 @@ class ClipLoss(_ContrastiveLoss):
 
     def _loss(self, image, text, scale, bias):
         all_image, all_text = all_gather_with_grad(image), all_gather_with_grad(text)  # [N, D]
-        image_to_text = _reduce_rows(_clip_row_term, _logsumexp_columns, image, all_text, scale, None, self.chunk_size)
-        text_to_image = _reduce_rows(_clip_row_term, _logsumexp_columns, text, all_image, scale, None, self.chunk_size)
+        image_to_text = _reduce_rows(image, all_text, scale, None, None, _logsumexp_columns, self.chunk_size)  # [n]
+        text_to_image = _reduce_rows(text, all_image, scale, None, None, _logsumexp_columns, self.chunk_size)
         positive = scale * (image * text).sum(dim=1)  # [n]
         return ((image_to_text + text_to_image) / 2 - positive).mean()
 
@@ -151,7 +149,7 @@ class SigLipLoss(_ContrastiveLoss):
     def _loss(self, image, text, scale, bias):
         # Rows are local images, columns all texts: every pair of the global batch is one rank's row.
         all_text = all_gather_with_grad(text)  # [N, D]
-        all_pairs = _reduce_rows(_siglip_row_term, _sum_columns, image, all_text, scale, bias, self.chunk_size)
+        all_pairs = _reduce_rows(image, all_text, scale, bias, F.softplus, _sum_columns, self.chunk_size)  # [n]
         positive = scale * (image * text).sum(dim=1) + bias  # [n]
         return (all_pairs - positive).mean()
 

@@ -65,13 +65,15 @@ def forward_backward(
     loss_fn: Callable[..., torch.Tensor],
     num_microbatches: int = 1,
     autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+    grad_scaler: Optional[torch.amp.GradScaler] = None,
 ) -> torch.Tensor:
     """Add to `.grad` the gradients of the global-batch loss and return the rank's loss, detached.
 
     `model` is a `ContrastiveModel`, bare or wrapped in DDP or FSDP2; `images` [B, 3, H, W] and
     `texts` [B, L] are this rank's batch, B divisible by `num_microbatches`; `loss_fn` is a
     `ClipLoss` or `SigLipLoss`; `autocast` makes the model's forward context, e.g.
-    `functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)`. The returned loss, averaged
+    `functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)`; `grad_scaler` (fp16) scales
+    what is backpropagated, as `grad_scaler.scale(loss).backward()` would. The returned loss, averaged
     over ranks, is the loss of the global batch. Gradients equal those of one un-accumulated
     forward and backward of the global batch (up to BatchNorm, see the module docstring).
     """
@@ -83,7 +85,7 @@ def forward_backward(
         with autocast():
             outputs = model(images, texts)
         loss = loss_fn(*outputs)
-        loss.backward()
+        (loss if grad_scaler is None else grad_scaler.scale(loss)).backward()
         return loss.detach()
 
     image_chunks, text_chunks = images.chunk(num_microbatches), texts.chunk(num_microbatches)
@@ -103,6 +105,8 @@ def forward_backward(
     cached = [None if t is None else t.detach().requires_grad_() for t in cached]
     loss = loss_fn(*cached)
     cached_grads = torch.autograd.grad(loss, [t for t in cached if t is not None])
+    if grad_scaler is not None:
+        cached_grads = grad_scaler.scale(list(cached_grads))
     image_grads, text_grads = cached_grads[0].chunk(num_microbatches), cached_grads[1].chunk(num_microbatches)
     parameter_grads = cached_grads[2:]  # temperature (and bias)
 

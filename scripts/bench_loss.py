@@ -1,0 +1,148 @@
+"""Benchmark the contrastive loss of one rank of a large job: time and peak memory of forward+backward.
+
+    PYTHONPATH=. python scripts/bench_loss.py                       # CPU, default configurations
+    PYTHONPATH=. python scripts/bench_loss.py --device cuda --dim 768 --configs 32768:1024
+
+One process plays one rank of a job with `global / local` ranks: its local features [local, D]
+(with grad) meet the other ranks' features, made up in advance, where the all-gather would put
+them; the all-gather itself is replaced by that concatenation, which keeps the gradient path to
+the local rows (communication is not measured). Implementations, on identical inputs:
+
+    plain      clip.loss.ClipLoss(chunk_size=0): [local, global] logits at once
+    chunked    clip.loss.ClipLoss(chunk_size=C): column chunks of C, recomputed in backward
+    open_clip  open_clip.loss.ClipLoss(local_loss=True, gather_with_grad=True), its exact
+               distributed setting (its gather_features replaced by the same concatenation)
+
+Each (configuration, implementation) runs in a fresh subprocess. Peak memory is the growth of
+the peak during one forward+backward over what the inputs already hold: on CUDA
+torch.cuda.max_memory_allocated; on CPU the peak resident set size (ru_maxrss), with glibc told
+to mmap every allocation over 64 KiB so that freed memory leaves the resident set at once. Time is
+the median over --repeats timed runs after one warm-up run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+IMPLEMENTATIONS = ("plain", "chunked", "open_clip")
+
+
+def run_one(impl: str, global_batch: int, local_batch: int, dim: int, chunk_size: int, device: str,
+            repeats: int) -> dict:
+    """Measure one implementation on one configuration, in this (fresh) process."""
+    import ctypes
+    import resource
+
+    import torch
+    import torch.nn.functional as F
+
+    import clip.loss
+
+    if device == "cpu":
+        M_MMAP_THRESHOLD = -3
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 64 * 1024)
+    generator = torch.Generator(device).manual_seed(0)
+
+    def features(rows):
+        return F.normalize(torch.randn(rows, dim, device=device, generator=generator), dim=-1)
+
+    # This rank sits in the middle of the job; the others' features are constants here.
+    rank, world_size = (global_batch // local_batch) // 2, global_batch // local_batch
+    before, after = rank * local_batch, global_batch - (rank + 1) * local_batch
+    others = {name: (features(before), features(after)) for name in ("image", "text")}
+    image, text = features(local_batch).requires_grad_(), features(local_batch).requires_grad_()
+    logit_scale = torch.tensor(1 / 0.07, device=device, requires_grad=True)
+
+    def gather(x, name):
+        head, tail = others[name]
+        return torch.cat([head, x, tail])
+
+    if impl == "open_clip":
+        import open_clip.loss
+
+        open_clip.loss.gather_features = lambda i, t, **kwargs: (gather(i, "image"), gather(t, "text"))
+        loss_fn = open_clip.loss.ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world_size)
+    else:
+        clip.loss.all_gather_with_grad = lambda x: gather(x, "image" if x is image else "text")
+        loss_fn = clip.loss.ClipLoss(chunk_size=chunk_size if impl == "chunked" else 0)
+
+    def step():
+        image.grad = text.grad = logit_scale.grad = None
+        loss = loss_fn(image, text, logit_scale)
+        loss.backward()
+        return loss.item()
+
+    def synchronize():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    if device == "cpu":
+        # Warm up first-call allocations (thread pools, lazy imports) on a small problem.
+        clip.loss.ClipLoss(chunk_size=2)(image[:4].detach(), text[:4].detach(), logit_scale.detach())
+        baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    else:
+        synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated() / 2**20
+    loss = step()  # the measured peak; also the warm-up run
+    synchronize()
+    if device == "cpu":
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline
+    else:
+        peak = torch.cuda.max_memory_allocated() / 2**20 - baseline
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        synchronize()
+        times.append(time.perf_counter() - start)
+    return {"loss": loss, "peak_mib": peak, "time_ms": 1000 * statistics.median(times),
+            "grad_scale": logit_scale.grad.item()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", default="4096:512,16384:512,32768:256,32768:1024",
+                        help="comma-separated global:local batch sizes")
+    parser.add_argument("--dim", type=int, default=512, help="embedding width (ViT-B: 512, ViT-L: 768)")
+    parser.add_argument("--chunk-size", type=int, default=1024)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--impls", default=",".join(IMPLEMENTATIONS))
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one measurement, as JSON
+    args = parser.parse_args()
+
+    if args.worker:
+        impl, global_batch, local_batch = args.worker.split(":")
+        result = run_one(impl, int(global_batch), int(local_batch), args.dim, args.chunk_size, args.device,
+                         args.repeats)
+        print(json.dumps(result))
+        return
+
+    print(f"device={args.device} dim={args.dim} chunk_size={args.chunk_size} repeats={args.repeats}")
+    print("| global | local | ranks | implementation | fwd+bwd ms | peak MiB | loss |")
+    print("|---:|---:|---:|---|---:|---:|---:|")
+    for config in args.configs.split(","):
+        global_batch, local_batch = map(int, config.split(":"))
+        reference = None
+        for impl in args.impls.split(","):
+            command = [sys.executable, __file__, "--worker", f"{impl}:{global_batch}:{local_batch}",
+                       "--dim", str(args.dim), "--chunk-size", str(args.chunk_size), "--device", args.device,
+                       "--repeats", str(args.repeats)]
+            result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+            reference = reference or result
+            # Same inputs, same loss: a cheap guard against benchmarking something wrong.
+            assert abs(result["loss"] - reference["loss"]) <= 1e-4 * abs(reference["loss"]), (impl, result)
+            assert abs(result["grad_scale"] - reference["grad_scale"]) <= 1e-3 * abs(reference["grad_scale"])
+            label = f"{impl} (chunk {args.chunk_size})" if impl == "chunked" else impl
+            print(f"| {global_batch} | {local_batch} | {global_batch // local_batch} | {label} | "
+                  f"{result['time_ms']:.0f} | {result['peak_mib']:.0f} | {result['loss']:.4f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
