@@ -15,9 +15,11 @@ the local rows (communication is not measured). Implementations, on identical in
 
 Each (configuration, implementation) runs in a fresh subprocess. Peak memory is the growth of
 the peak during one forward+backward over what the inputs already hold: on CUDA
-torch.cuda.max_memory_allocated; on CPU the peak resident set size (ru_maxrss), with glibc told
-to mmap every allocation over 64 KiB so that freed memory leaves the resident set at once. Time is
-the median over --repeats timed runs after one warm-up run.
+torch.cuda.max_memory_allocated; on CPU the resident set's high-water mark (VmHWM, reset to the
+current size just before the step through /proc/self/clear_refs), with glibc told to mmap every
+allocation over 64 KiB so that freed memory leaves the resident set at once. It includes the
+gathered [global, D] features of both towers and their gradients. Time is the median over
+--repeats timed runs after one warm-up run.
 """
 
 from __future__ import annotations
@@ -32,17 +34,33 @@ import time
 IMPLEMENTATIONS = ("plain", "chunked", "open_clip")
 
 
+def _proc_status_mib(key: str) -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    raise KeyError(key)
+
+
+def _reset_peak_rss_mib() -> float:
+    """Reset the resident set's high-water mark to its current size (Linux >= 4.0); return that size."""
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+    return _proc_status_mib("VmRSS")
+
+
 def run_one(impl: str, global_batch: int, local_batch: int, dim: int, chunk_size: int, device: str,
-            repeats: int) -> dict:
+            repeats: int, threads: int) -> dict:
     """Measure one implementation on one configuration, in this (fresh) process."""
     import ctypes
-    import resource
 
     import torch
     import torch.nn.functional as F
 
     import clip.loss
 
+    if threads:
+        torch.set_num_threads(threads)
     if device == "cpu":
         M_MMAP_THRESHOLD = -3
         ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 64 * 1024)
@@ -84,7 +102,7 @@ def run_one(impl: str, global_batch: int, local_batch: int, dim: int, chunk_size
     if device == "cpu":
         # Warm up first-call allocations (thread pools, lazy imports) on a small problem.
         clip.loss.ClipLoss(chunk_size=2)(image[:4].detach(), text[:4].detach(), logit_scale.detach())
-        baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        baseline = _reset_peak_rss_mib()
     else:
         synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -92,7 +110,7 @@ def run_one(impl: str, global_batch: int, local_batch: int, dim: int, chunk_size
     loss = step()  # the measured peak; also the warm-up run
     synchronize()
     if device == "cpu":
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline
+        peak = _proc_status_mib("VmHWM") - baseline
     else:
         peak = torch.cuda.max_memory_allocated() / 2**20 - baseline
     times = []
@@ -101,7 +119,7 @@ def run_one(impl: str, global_batch: int, local_batch: int, dim: int, chunk_size
         step()
         synchronize()
         times.append(time.perf_counter() - start)
-    return {"loss": loss, "peak_mib": peak, "time_ms": 1000 * statistics.median(times),
+    return {"loss": loss, "peak_mib": peak, "time_ms": 1000 * statistics.median(times) if times else float("nan"),
             "grad_scale": logit_scale.grad.item()}
 
 
@@ -113,6 +131,8 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=1024)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="intra-op threads; 0: torch's default (on a shared machine 1 gives steadier times)")
     parser.add_argument("--impls", default=",".join(IMPLEMENTATIONS))
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one measurement, as JSON
     args = parser.parse_args()
@@ -120,11 +140,12 @@ def main() -> None:
     if args.worker:
         impl, global_batch, local_batch = args.worker.split(":")
         result = run_one(impl, int(global_batch), int(local_batch), args.dim, args.chunk_size, args.device,
-                         args.repeats)
+                         args.repeats, args.threads)
         print(json.dumps(result))
         return
 
-    print(f"device={args.device} dim={args.dim} chunk_size={args.chunk_size} repeats={args.repeats}")
+    print(f"device={args.device} dim={args.dim} chunk_size={args.chunk_size} repeats={args.repeats} "
+          f"threads={args.threads or 'default'}")
     print("| global | local | ranks | implementation | fwd+bwd ms | peak MiB | loss |")
     print("|---:|---:|---:|---|---:|---:|---:|")
     for config in args.configs.split(","):
@@ -133,7 +154,7 @@ def main() -> None:
         for impl in args.impls.split(","):
             command = [sys.executable, __file__, "--worker", f"{impl}:{global_batch}:{local_batch}",
                        "--dim", str(args.dim), "--chunk-size", str(args.chunk_size), "--device", args.device,
-                       "--repeats", str(args.repeats)]
+                       "--repeats", str(args.repeats), "--threads", str(args.threads)]
             result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
             reference = reference or result
             # Same inputs, same loss: a cheap guard against benchmarking something wrong.

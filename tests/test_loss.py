@@ -9,6 +9,7 @@ gradients, and each rank's feature gradient divided by W (what DDP's 1/W does do
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -149,42 +150,23 @@ def test_loss_is_float32_under_autocast(case):
     assert loss == loss_fn(low["image"].float(), low["text"].float(), inputs["scale"], bias)
 
 
-def _peak_memory_growth_mib(local: int, global_: int, chunk_sizes: list[int]) -> list[float]:
-    """Peak RSS growth of one ClipLoss forward+backward per chunk size, in increasing order of memory."""
-    import ctypes
-    import resource
+def _peak_memory_mib(local: int, global_: int) -> dict[str, float]:
+    """scripts/bench_loss.py's measurement of one rank's loss, chunked and plain, in this process."""
+    import importlib.util
 
-    # glibc then serves every allocation over 64 KiB with mmap and unmaps it when freed, so peak RSS
-    # follows live memory (its adaptive threshold would leave freed blocks resident in the heap).
-    M_MMAP_THRESHOLD = -3
-    ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 64 * 1024)
-
-    def peak_mib():
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-    image = F.normalize(torch.randn(local, DIM), dim=-1).requires_grad_()
-    text = F.normalize(torch.randn(local, DIM), dim=-1).requires_grad_()
-    scale = torch.tensor(10.0, requires_grad=True)
-    ClipLoss(chunk_size=2)(image[:4], text[:4], scale).backward()  # first-call allocations out of the way
-    # One rank of a job of global_ / local ranks: the gathered features are made up here, as the
-    # real all-gather is replaced by a concatenation that keeps the gradient path to local rows.
-    others = F.normalize(torch.randn(global_ - local, DIM), dim=-1)
-    clip.loss.all_gather_with_grad = lambda x: torch.cat([x, others])
-    growth = []
-    for chunk_size in chunk_sizes:
-        before = peak_mib()
-        ClipLoss(chunk_size=chunk_size)(image, text, scale).backward()
-        growth.append(peak_mib() - before)
-    return growth
+    spec = importlib.util.spec_from_file_location("bench_loss", Path(__file__).parents[1] / "scripts/bench_loss.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return {impl: bench.run_one(impl, global_, local, DIM, 1024, "cpu", repeats=0, threads=1)["peak_mib"]
+            for impl in ("chunked", "plain")}
 
 
 def test_chunked_mode_bounds_peak_memory():
     """Peak loss memory: ~[n, chunk] logits chunked, several [n, N] logits plain (measured in a fresh process)."""
     local, global_ = 256, 32768  # one [local, global] float32 logits matrix: 32 MiB
-    (chunked, plain), = run_on_ranks(_peak_memory_growth_mib, 1, args=(local, global_, [1024, 0]),
-                                     init_process_group=False)
-    assert chunked < 16, f"chunked loss grew peak memory by {chunked:.1f} MiB"
-    assert plain > 96, f"plain loss grew peak memory by only {plain:.1f} MiB"
+    (peak,) = run_on_ranks(_peak_memory_mib, 1, args=(local, global_), init_process_group=False)
+    assert peak["chunked"] < 16, f"chunked loss grew peak memory by {peak['chunked']:.1f} MiB"
+    assert peak["plain"] > 96, f"plain loss grew peak memory by only {peak['plain']:.1f} MiB"
 
 
 def test_rejects_bad_input():
