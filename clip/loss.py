@@ -27,7 +27,7 @@ The loss is computed in float32 (float64 inputs stay float64), with autocast dis
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -38,19 +38,40 @@ from clip.config import LossConfig
 from clip.distributed import all_gather_with_grad
 
 
-def _logsumexp_columns(x: torch.Tensor) -> torch.Tensor:
-    return torch.logsumexp(x, dim=1)
+class _ReduceColumns(torch.autograd.Function):
+    """Per row of logits [n, C]: logsumexp (CLIP) or the sum of softplus (SigLIP) -> [n].
+
+    Autograd's own backward of these holds two or three [n, C] temporaries at once; this one turns
+    the saved logits into their gradient in place (softmax or sigmoid, times the incoming
+    gradient), which takes the plain loss's peak from about five [n, N] matrices to three. The
+    logits must be private to the loss, and the graph can be backpropagated only once.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, kind: str) -> torch.Tensor:
+        result = torch.logsumexp(logits, dim=1) if kind == "logsumexp" else F.softplus(logits).sum(dim=1)
+        ctx.save_for_backward(logits, result)
+        ctx.kind, ctx.consumed = kind, False
+        return result
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        if ctx.consumed:
+            raise RuntimeError("the contrastive loss's graph can be backpropagated only once (retain_graph=True)")
+        ctx.consumed = True
+        logits, result = ctx.saved_tensors
+        if ctx.kind == "logsumexp":
+            derivative = logits.sub_(result[:, None]).exp_()  # softmax over the columns
+        else:
+            derivative = logits.sigmoid_()  # d softplus(x) / dx
+        return derivative.mul_(grad[:, None]), None
 
 
-def _sum_columns(x: torch.Tensor) -> torch.Tensor:
-    return x.sum(dim=1)
-
-
-def _row_term(rows, columns, scale, bias, pointwise, reduce) -> torch.Tensor:
-    logits = scale * rows @ columns.T  # [n, C]
+def _row_term(rows, columns, scale, bias, kind: str) -> torch.Tensor:
+    logits = scale * rows @ columns.T  # [n, C], a fresh tensor that only _ReduceColumns uses
     if bias is not None:
-        logits = logits + bias
-    return reduce(logits if pointwise is None else pointwise(logits))  # [n]
+        logits.add_(bias)
+    return _ReduceColumns.apply(logits, kind)  # [n]
 
 
 def _reduce_rows(
@@ -58,24 +79,24 @@ def _reduce_rows(
     columns: torch.Tensor,
     scale: torch.Tensor,
     bias: Optional[torch.Tensor],
-    pointwise: Optional[Callable[[torch.Tensor], torch.Tensor]],
-    reduce: Callable[[torch.Tensor], torch.Tensor],
+    kind: str,
     chunk_size: int,
 ) -> torch.Tensor:
-    """reduce(pointwise(logits)) over the columns [N, D], for each row [n, D] -> [n].
+    """Logsumexp or sum of softplus of the logits over all columns [N, D], for each row [n, D] -> [n].
 
-    `reduce` (logsumexp or sum) is associative, so with chunk_size > 0 it is applied to column
-    chunks and then to the per-chunk results.
+    Both reductions are associative (a logsumexp of logsumexps, a sum of sums), so with
+    chunk_size > 0 they are applied to column chunks and then to the per-chunk results.
     """
     if chunk_size <= 0 or chunk_size >= columns.shape[0]:
-        return _row_term(rows, columns, scale, bias, pointwise, reduce)
+        return _row_term(rows, columns, scale, bias, kind)
     # Checkpointing keeps only each chunk's [n] result; the [n, chunk] logits are recomputed in
     # the backward pass one chunk at a time. split() views share one backward that concatenates.
     partials = [
-        checkpoint(_row_term, rows, chunk, scale, bias, pointwise, reduce, use_reentrant=False)
+        checkpoint(_row_term, rows, chunk, scale, bias, kind, use_reentrant=False)
         for chunk in columns.split(chunk_size)
     ]
-    return reduce(torch.stack(partials, dim=1))  # [n, num_chunks] -> [n]
+    partials = torch.stack(partials, dim=1)  # [n, num_chunks]
+    return torch.logsumexp(partials, dim=1) if kind == "logsumexp" else partials.sum(dim=1)
 
 
 def _to_loss_dtype(t: torch.Tensor) -> torch.Tensor:
@@ -131,8 +152,8 @@ class ClipLoss(_ContrastiveLoss):
 
     def _loss(self, image, text, scale, bias):
         all_image, all_text = all_gather_with_grad(image), all_gather_with_grad(text)  # [N, D]
-        image_to_text = _reduce_rows(image, all_text, scale, None, None, _logsumexp_columns, self.chunk_size)  # [n]
-        text_to_image = _reduce_rows(text, all_image, scale, None, None, _logsumexp_columns, self.chunk_size)
+        image_to_text = _reduce_rows(image, all_text, scale, None, "logsumexp", self.chunk_size)  # [n]
+        text_to_image = _reduce_rows(text, all_image, scale, None, "logsumexp", self.chunk_size)
         positive = scale * (image * text).sum(dim=1)  # [n]
         return ((image_to_text + text_to_image) / 2 - positive).mean()
 
@@ -149,7 +170,7 @@ class SigLipLoss(_ContrastiveLoss):
     def _loss(self, image, text, scale, bias):
         # Rows are local images, columns all texts: every pair of the global batch is one rank's row.
         all_text = all_gather_with_grad(text)  # [N, D]
-        all_pairs = _reduce_rows(image, all_text, scale, bias, F.softplus, _sum_columns, self.chunk_size)  # [n]
+        all_pairs = _reduce_rows(image, all_text, scale, bias, "softplus", self.chunk_size)  # [n]
         positive = scale * (image * text).sum(dim=1) + bias  # [n]
         return (all_pairs - positive).mean()
 
