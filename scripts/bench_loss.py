@@ -18,15 +18,14 @@ the peak during one forward+backward over what the inputs already hold: on CUDA
 torch.cuda.max_memory_allocated; on CPU the resident set's high-water mark (VmHWM, reset to the
 current size just before the step through /proc/self/clear_refs), with glibc told to mmap every
 allocation over 64 KiB so that freed memory leaves the resident set at once. It includes the
-gathered [global, D] features of both towers and their gradients. Time is the median over
---repeats timed runs after one warm-up run.
+gathered [global, D] features of both towers and their gradients. Time is the best of --repeats
+timed runs after one warm-up run (on a shared machine other processes only ever add time).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -119,7 +118,7 @@ def run_one(impl: str, global_batch: int, local_batch: int, dim: int, chunk_size
         step()
         synchronize()
         times.append(time.perf_counter() - start)
-    return {"loss": loss, "peak_mib": peak, "time_ms": 1000 * statistics.median(times) if times else float("nan"),
+    return {"loss": loss, "peak_mib": peak, "time_ms": 1000 * min(times) if times else float("nan"),
             "grad_scale": logit_scale.grad.item()}
 
 
@@ -130,7 +129,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512, help="embedding width (ViT-B: 512, ViT-L: 768)")
     parser.add_argument("--chunk-size", type=int, default=1024)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0,
                         help="intra-op threads; 0: torch's default (on a shared machine 1 gives steadier times)")
     parser.add_argument("--impls", default=",".join(IMPLEMENTATIONS))
@@ -146,7 +145,7 @@ def main() -> None:
 
     print(f"device={args.device} dim={args.dim} chunk_size={args.chunk_size} repeats={args.repeats} "
           f"threads={args.threads or 'default'}")
-    print("| global | local | ranks | implementation | fwd+bwd ms | peak MiB | loss |")
+    print("| global | local | ranks | implementation | fwd+bwd ms (best) | peak MiB | loss |")
     print("|---:|---:|---:|---|---:|---:|---:|")
     for config in args.configs.split(","):
         global_batch, local_batch = map(int, config.split(":"))
