@@ -6,8 +6,22 @@
 Importing `clip` loads torch and the model code only: never Hydra, wandb or webdataset.
 """
 
-from clip.models import CLIP, list_models
-
 __version__ = "0.1.0"
 
-__all__ = ["CLIP", "list_models", "__version__"]
+from clip.api import available_models, create_model, create_model_and_transforms, load
+from clip.models import CLIP, list_models
+from clip.models.weights import CheckpointFormatError, CheckpointMismatchError, UnsafeCheckpointError, export_model
+
+__all__ = [
+    "CLIP",
+    "CheckpointFormatError",
+    "CheckpointMismatchError",
+    "UnsafeCheckpointError",
+    "available_models",
+    "create_model",
+    "create_model_and_transforms",
+    "export_model",
+    "list_models",
+    "load",
+    "__version__",
+]
