@@ -99,8 +99,9 @@ def run_one(impl: str, global_batch: int, local_batch: int, dim: int, chunk_size
             torch.cuda.synchronize()
 
     if device == "cpu":
-        # Warm up first-call allocations (thread pools, lazy imports) on a small problem.
-        clip.loss.ClipLoss(chunk_size=2)(image[:4].detach(), text[:4].detach(), logit_scale.detach())
+        # Warm up first-call allocations (thread pools, lazy imports) on a few rows, chunked mode.
+        rows = [t[:4].detach().requires_grad_() for t in (image, text)]
+        clip.loss.ClipLoss(chunk_size=global_batch // 2)(*rows, logit_scale.detach()).backward()
         baseline = _reset_peak_rss_mib()
     else:
         synchronize()

@@ -22,16 +22,6 @@ from clip.loss import ClipLoss, SigLipLoss, build_loss
 from tests.multiprocess import run_on_ranks
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """One intra-op thread: on a shared 2-core machine, OpenMP threads waiting on each other make
-    these small ops 10-100x slower (measured)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 GLOBAL_BATCH, DIM = 16, 8
 # name -> (loss, chunk_size); chunk 5 leaves a ragged last chunk of 1 column.
 CASES = {

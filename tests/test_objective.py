@@ -27,7 +27,7 @@ from clip.models import CLIP, get_model_config
 from clip.models.layers import LayerNorm
 from clip.objective import ContrastiveModel, forward_backward
 from tests.multiprocess import run_on_ranks
-from tests.test_loss import _gather_without_grad, max_relative_error, single_thread  # noqa: F401 (fixture)
+from tests.test_loss import _gather_without_grad, max_relative_error
 
 GLOBAL_BATCH, TEXT_LENGTH = 16, 8
 RANK_SEED = 1000  # rank r draws its dropout masks from seed RANK_SEED + r
