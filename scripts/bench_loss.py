@@ -16,10 +16,11 @@ the local rows (communication is not measured). Implementations, on identical in
 Each (configuration, implementation) runs in a fresh subprocess. Peak memory is the growth of
 the peak during one forward+backward over what the inputs already hold: on CUDA
 torch.cuda.max_memory_allocated; on CPU the resident set's high-water mark (VmHWM, reset to the
-current size just before the step through /proc/self/clear_refs), with glibc told to mmap every
-allocation over 64 KiB so that freed memory leaves the resident set at once. It includes the
-gathered [global, D] features of both towers and their gradients. Time is the best of --repeats
-timed runs after one warm-up run (on a shared machine other processes only ever add time).
+current size just before the step through /proc/self/clear_refs), with glibc told from then on to
+mmap every allocation over 64 KiB so that the step's allocations add to the resident set and its
+frees leave it at once. It includes the gathered [global, D] features of both towers and their
+gradients. Time is the best of --repeats timed runs after one warm-up run (on a shared machine
+other processes only ever add time), measured before the memory step (forced mmap is slow).
 """
 
 from __future__ import annotations
@@ -60,9 +61,6 @@ def run_one(impl: str, global_batch: int, local_batch: int, dim: int, chunk_size
 
     if threads:
         torch.set_num_threads(threads)
-    if device == "cpu":
-        M_MMAP_THRESHOLD = -3
-        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 64 * 1024)
     generator = torch.Generator(device).manual_seed(0)
 
     def features(rows):
@@ -98,27 +96,30 @@ def run_one(impl: str, global_batch: int, local_batch: int, dim: int, chunk_size
         if device == "cuda":
             torch.cuda.synchronize()
 
-    if device == "cpu":
-        # Warm up first-call allocations (thread pools, lazy imports) on a few rows, chunked mode.
-        rows = [t[:4].detach().requires_grad_() for t in (image, text)]
-        clip.loss.ClipLoss(chunk_size=global_batch // 2)(*rows, logit_scale.detach()).backward()
-        baseline = _reset_peak_rss_mib()
-    else:
-        synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        baseline = torch.cuda.memory_allocated() / 2**20
-    loss = step()  # the measured peak; also the warm-up run
+    loss = step()  # warm-up: first-call allocations, lazy imports (checkpointing imports torch._dynamo)
     synchronize()
-    if device == "cpu":
-        peak = _proc_status_mib("VmHWM") - baseline
-    else:
-        peak = torch.cuda.max_memory_allocated() / 2**20 - baseline
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         step()
         synchronize()
         times.append(time.perf_counter() - start)
+
+    # Peak memory of one more step, after the timed ones: forcing mmap slows allocation down.
+    if device == "cpu":
+        libc = ctypes.CDLL("libc.so.6")
+        M_MMAP_THRESHOLD = -3
+        libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
+        baseline = _reset_peak_rss_mib()
+    else:
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated() / 2**20
+    step()
+    synchronize()
+    if device == "cpu":
+        peak = _proc_status_mib("VmHWM") - baseline
+    else:
+        peak = torch.cuda.max_memory_allocated() / 2**20 - baseline
     return {"loss": loss, "peak_mib": peak, "time_ms": 1000 * min(times) if times else float("nan"),
             "grad_scale": logit_scale.grad.item()}
 
