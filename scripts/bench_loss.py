@@ -16,11 +16,11 @@ the local rows (communication is not measured). Implementations, on identical in
 Each (configuration, implementation) runs in a fresh subprocess. Peak memory is the growth of
 the peak during one forward+backward over what the inputs already hold: on CUDA
 torch.cuda.max_memory_allocated; on CPU the resident set's high-water mark (VmHWM, reset to the
-current size just before the step through /proc/self/clear_refs), with glibc told from then on to
-mmap every allocation over 64 KiB so that the step's allocations add to the resident set and its
-frees leave it at once. It includes the gathered [global, D] features of both towers and their
-gradients. Time is the best of --repeats timed runs after one warm-up run (on a shared machine
-other processes only ever add time), measured before the memory step (forced mmap is slow).
+current size just before the step through /proc/self/clear_refs), with glibc told to mmap every
+allocation over 64 KiB so that freed memory leaves the resident set at once. It includes the
+gathered [global, D] features of both towers and their gradients. Time is the best of --repeats
+timed runs after warm-up (on a shared machine other processes only ever add time), with glibc back
+to its usual thresholds.
 """
 
 from __future__ import annotations
@@ -61,6 +61,12 @@ def run_one(impl: str, global_batch: int, local_batch: int, dim: int, chunk_size
 
     if threads:
         torch.set_num_threads(threads)
+    if device == "cpu":
+        # Every allocation over 64 KiB gets its own mmap, returned to the system when freed, so the
+        # resident set follows live memory (glibc would otherwise keep freed blocks in its heap).
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
     generator = torch.Generator(device).manual_seed(0)
 
     def features(rows):
@@ -98,18 +104,7 @@ def run_one(impl: str, global_batch: int, local_batch: int, dim: int, chunk_size
 
     loss = step()  # warm-up: first-call allocations, lazy imports (checkpointing imports torch._dynamo)
     synchronize()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        synchronize()
-        times.append(time.perf_counter() - start)
-
-    # Peak memory of one more step, after the timed ones: forcing mmap slows allocation down.
     if device == "cpu":
-        libc = ctypes.CDLL("libc.so.6")
-        M_MMAP_THRESHOLD = -3
-        libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
         baseline = _reset_peak_rss_mib()
     else:
         torch.cuda.reset_peak_memory_stats()
@@ -118,8 +113,19 @@ def run_one(impl: str, global_batch: int, local_batch: int, dim: int, chunk_size
     synchronize()
     if device == "cpu":
         peak = _proc_status_mib("VmHWM") - baseline
+        # Back to glibc's usual steady state for timing (mmap only above 32 MiB; forced mmap is slow).
+        libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
+        libc.mallopt(M_TRIM_THRESHOLD, 64 << 20)
+        step()
     else:
         peak = torch.cuda.max_memory_allocated() / 2**20 - baseline
+
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        synchronize()
+        times.append(time.perf_counter() - start)
     return {"loss": loss, "peak_mib": peak, "time_ms": 1000 * min(times) if times else float("nan"),
             "grad_scale": logit_scale.grad.item()}
 
