@@ -2,18 +2,18 @@
 
     from tests.multiprocess import run_on_ranks
 
-    def _check(seed):                  # module level, so that spawned workers can import it
+    def _check(seed):                  # module level, so that the workers can import it
         ...                            # torch.distributed is initialised (gloo); RANK etc. are set
         return {"grad": tensor}        # tensors, numbers, strings, lists/tuples/dicts of them
 
     results = run_on_ranks(_check, world_size=2, args=(0,))   # [rank 0's result, rank 1's result]
 
 Workers are forked from a forkserver that has imported torch once per test session (and
-torch._dynamo, which the first activation-checkpointed call would import, 3 s): a fresh,
-single-threaded process (unlike forking the test process itself), started in a fraction of a
-second (a spawned worker re-imports torch, seconds each on a loaded machine). Each worker gets
-the test process's current environment variables; what a process reads only at its start
-(LD_PRELOAD, MALLOC_* tunables) comes from the forkserver's start instead.
+torch._dynamo, which the first activation-checkpointed call would import, 3 s): each worker is a
+copy of a process that has computed nothing yet (unlike a fork of the test process), started in a
+fraction of a second (a spawned worker re-imports torch: seconds each on a loaded machine). Each
+worker gets the test process's current environment variables; what a process reads only at its
+start (LD_PRELOAD, MALLOC_* tunables) comes from the forkserver's start instead.
 
 Hygiene learned the hard way (RELIABILITY.md 2.0): a fresh free port per run,
 GLOO_SOCKET_IFNAME=lo, a 60 s process-group timeout, faulthandler in every worker (a hung
@@ -54,7 +54,7 @@ def run_on_ranks(
     init_process_group: bool = True,
     num_threads: int = 1,
 ) -> list[Any]:
-    """Call `fn(*args)` on `world_size` spawned ranks; return their results in rank order.
+    """Call `fn(*args)` on `world_size` worker processes (ranks); return their results in rank order.
 
     With `init_process_group=False` the workers only get the torchrun-style environment (RANK,
     WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), for testing code that initialises the
