@@ -201,3 +201,40 @@ class DataConfig:
     allow_pipe_urls: bool = False
     # Attempts for a `pipe:` command that fails before producing any data (backoff 1 s, 2 s, 4 s, ...).
     open_retries: int = 3
+
+
+LOSS_NAMES = ("clip", "siglip")
+
+
+@dataclass
+class LossConfig:
+    """Contrastive objective, computed over the global batch (local batch x world size x micro-batches).
+
+    Exact across ranks and micro-batches; see docs/objective.md.
+    """
+
+    # "clip": symmetric softmax InfoNCE (arXiv:2103.00020). "siglip": pairwise sigmoid loss
+    # (arXiv:2303.15343), which needs a learned bias: model.init_logit_bias=-10 and
+    # model.init_logit_scale=ln(10) as in the paper.
+    name: str = "clip"
+    # Global columns of the [local, global] logits processed at a time, forward and backward, so
+    # loss memory grows with local x chunk_size instead of local x global. 0: all columns at once.
+    chunk_size: int = 0
+
+
+def validate_loss_config(cfg: LossConfig, model: ModelConfig, prefix: str = "loss") -> None:
+    """Raise ValueError naming the offending key when the loss and the model do not fit together."""
+    problems = []
+    if cfg.name not in LOSS_NAMES:
+        problems.append(f"{prefix}.name={cfg.name!r} is not one of {LOSS_NAMES}")
+    if cfg.chunk_size < 0:
+        problems.append(f"{prefix}.chunk_size={cfg.chunk_size} must be >= 0 (0: no chunking)")
+    if cfg.name == "siglip" and model.init_logit_bias is None:
+        problems.append(f"{prefix}.name='siglip' needs a learned bias: set model.init_logit_bias (SigLIP: -10)")
+    if cfg.name == "clip" and model.init_logit_bias is not None:
+        problems.append(
+            f"{prefix}.name='clip' does not use a bias, but model.init_logit_bias={model.init_logit_bias} "
+            "adds one (it would get no gradient)"
+        )
+    if problems:
+        raise ValueError("invalid loss config: " + "; ".join(problems))
