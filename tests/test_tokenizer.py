@@ -1,8 +1,10 @@
-"""OpenAI BPE tokenizer: ids identical to OpenCLIP's pure-Python tokenizer, OpenAI's `tokenize`
-contract, decoding, configuration checks, and use inside forked DataLoader workers."""
+"""Tokenizers: OpenAI's BPE with ids identical to OpenCLIP's pure-Python tokenizer and OpenAI's
+`tokenize` contract; vocabularies trained by scripts/train_tokenizer.py; decoding, configuration
+checks, and use inside forked DataLoader workers."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -10,14 +12,17 @@ import random
 import re
 import subprocess
 import sys
+import tarfile
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import clip
 from clip.config import TextConfig
+from clip.models import CLIP, get_model_config
 from clip.tokenizer import clean_text, get_tokenizer, tokenize
 
 open_clip_tokenizer = pytest.importorskip("open_clip.tokenizer")  # test-only reference
@@ -244,11 +249,12 @@ from clip.tokenizer import get_tokenizer
 def num_threads():
     return len(os.listdir("/proc/self/task"))
 
-texts = json.loads(open(sys.argv[1]).read())
-tok = get_tokenizer("openai")
+texts_path, source, parent = sys.argv[1:]
+texts = json.loads(open(texts_path).read())
+tok = get_tokenizer(source)
 before = num_threads()
 expected = tok(texts)  # the parent tokenizes before forking, as a trainer building eval prompts does
-if sys.argv[2] == "control":
+if parent == "control":
     tok._backend.encode_batch(["warm up"] * 1000)  # what a `tokenizers` batch call does
 print("thread pool started:", num_threads() > before)
 
@@ -265,11 +271,11 @@ print("workers ok")
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc")
-@pytest.mark.parametrize("parent", ["ours", "control"])
-def test_forked_dataloader_workers(corpus, tmp_path, parent):
+@pytest.mark.parametrize("source, parent", [("openai", "ours"), ("openai", "control"), ("trained", "ours")])
+def test_forked_dataloader_workers(corpus, trained, tmp_path, source, parent):
     # `tokenizers` starts a Rayon thread pool on its first batch call; forking after that can
     # deadlock a worker, or (in versions before 0.23) make every worker print a warning. Our
-    # tokenizer must never start it. The control run shows that the thread count sees the pool.
+    # tokenizers must never start it. The control run shows that the thread count sees the pool.
     # A subprocess, because open_clip sets TOKENIZERS_PARALLELISM on import, which hides all this.
     texts = tmp_path / "texts.json"
     texts.write_text(json.dumps(corpus[:600]))  # escapes the lone surrogates
@@ -277,10 +283,129 @@ def test_forked_dataloader_workers(corpus, tmp_path, parent):
     script.write_text(textwrap.dedent(DATALOADER_SCRIPT))
     env = {k: v for k, v in os.environ.items() if k != "TOKENIZERS_PARALLELISM"}
     env["PYTHONPATH"] = str(REPO)
+    source = str(trained) if source == "trained" else source
     result = subprocess.run(
-        [sys.executable, str(script), str(texts), parent], env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, str(script), str(texts), source, parent],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0 and "workers ok" in result.stdout, result.stderr
     assert f"thread pool started: {parent == 'control'}" in result.stdout
     if parent == "ours":
         assert "tokenizers" not in result.stderr.lower(), result.stderr
+
+
+# --- vocabularies trained by scripts/train_tokenizer.py -----------------------------------------
+
+WORDS = (
+    "photo picture image drawing painting of a an the red green blue small large old young dog cat "
+    "bird horse car bicycle house tree river mountain beach city street on in under near with at "
+    "sunset night snow rain café 東京 чай"
+).split()
+
+
+def training_captions(num: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choices(WORDS, k=rng.randint(3, 12))) for _ in range(num)]
+
+
+def write_shard(path: Path, captions: list[str], marker: Path, max_bytes: int) -> None:
+    """A WebDataset shard whose captions come with members the script must never read."""
+
+    class Payload:  # unpickling this would create `marker`
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    def add(tar, name, data=b"", **info):
+        member = tarfile.TarInfo(name)
+        member.size = len(data)
+        for key, value in info.items():
+            setattr(member, key, value)
+        tar.addfile(member, io.BytesIO(data))
+
+    with tarfile.open(path, "w") as tar:
+        for i, caption in enumerate(captions):
+            add(tar, f"{i:06d}.txt", caption.encode())
+            add(tar, f"{i:06d}.jpg", os.urandom(64))
+        add(tar, "bad.pyd", pickle.dumps(Payload()))
+        add(tar, "link.txt", type=tarfile.SYMTYPE, linkname="/etc/passwd")
+        add(tar, "big.txt", b"x" * (max_bytes + 1))
+        add(tar, "latin1.txt", "caf\xe9".encode("latin-1"))
+        add(tar, "../../outside.txt", b"a caption whose name climbs out")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 600-id vocabulary trained by the script on a caption file and a shard."""
+    root = tmp_path_factory.mktemp("trained")
+    (root / "captions.txt").write_text("\n".join(training_captions(1500, seed=1)), encoding="utf-8")
+    marker = root / "unpickled"
+    write_shard(root / "shard-000000.tar", training_captions(500, seed=2), marker, max_bytes=1024)
+    before = set(root.rglob("*"))
+    output = root / "tok" / "tokenizer.json"
+    command = [sys.executable, str(REPO / "scripts" / "train_tokenizer.py"), "--vocab-size", "600"]
+    command += ["--output", str(output), "--max-text-bytes", "1024", "captions.txt", "shard-000000.tar"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert not marker.exists()
+    assert set(root.rglob("*")) - before == {output.parent, output}  # nothing extracted
+    output.with_suffix(".log").write_text(result.stdout)
+    return output
+
+
+def test_training_reads_only_regular_text_members(trained):
+    log = trained.with_suffix(".log").read_text()
+    # 1500 lines + 500 shard captions + the one whose member name climbs out (read, never a path)
+    assert "trained on 2001 captions (skipped: 1 not UTF-8, 1 not a regular file, 1 over 1024 bytes)" in log
+    tok = get_tokenizer(str(trained))
+    assert f"model.text.vocab_size={tok.vocab_size} model.text.eot_token_id={tok.eot_token_id}" in log
+
+
+def test_trained_vocabulary(trained):
+    tok = get_tokenizer(str(trained))
+    assert 300 < tok.vocab_size <= 600  # fewer when the captions run out of pairs to merge
+    # start and end of text are the largest ids, as in OpenAI's vocabulary
+    assert (tok.sot_token_id, tok.eot_token_id) == (tok.vocab_size - 2, tok.vocab_size - 1)
+    caption = "a small red bicycle near the river at sunset"
+    assert len(tok.encode(caption)) == 9  # the frequent words became single tokens
+    assert tok(caption)[0, :11].tolist() == [tok.sot_token_id, *tok.encode(caption), tok.eot_token_id]
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["A Photo of  the CAT", "unseen words: zyzzyva, quixotic!", "東京 タワー 🇯🇵 👨‍👩‍👧", "&amp; Ã©t", "", "  \t "],
+)
+def test_trained_tokenizer_round_trips(trained, text):
+    tok = get_tokenizer(str(trained))
+    assert tok.decode(tok(text)[0]) == clean_text(text).lower()
+    assert tok.decode(tok.encode(text)) == clean_text(text).lower()
+
+
+def test_trained_tokenizer_plugs_into_a_model(trained):
+    cfg = get_model_config("tiny-vit")
+    tok = get_tokenizer(str(trained))
+    cfg.text.tokenizer, cfg.text.vocab_size, cfg.text.eot_token_id = str(trained), tok.vocab_size, tok.eot_token_id
+    tokenizer = get_tokenizer(cfg.text)  # checks vocab_size and eot_token_id against the file
+    model = CLIP(cfg)
+    images = torch.randn(8, 3, cfg.vision.image_size, cfg.vision.image_size)
+    texts = tokenizer(training_captions(8, seed=3), context_length=16)  # short rows: a fast test
+    assert (texts == tok.eot_token_id).sum() == 8
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    labels = torch.arange(8)
+    losses = []
+    num_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: threads only contend on a shared machine
+    try:
+        for _ in range(20):
+            logits_per_image, logits_per_text = model(images, texts)
+            loss = (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    finally:
+        torch.set_num_threads(num_threads)
+    assert losses[-1] < 0.2 * losses[0], losses
