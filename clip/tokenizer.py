@@ -24,6 +24,7 @@ import array
 import functools
 import html
 import re
+import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Union
@@ -47,13 +48,21 @@ _MERGES_PATH = Path(__file__).parent / "assets" / "bpe_simple_vocab_16e6.txt.gz"
 # merges of the file, then the two special tokens: 49,408 ids.
 _NUM_OPENAI_MERGES = 49408 - 2 * 256 - 2
 
-# Text that ftfy.fix_text and html.unescape provably return unchanged: ASCII without control
-# characters other than tab and newline, and without an '&' that could start an HTML entity. Every
-# ftfy fix needs a non-ASCII character (mojibake, quotes, widths, ligatures, NFC), an ASCII control
-# character or an entity. Skipping ftfy, which costs more than the whole BPE, for such text is what
-# makes cleaning cheap; the identity tests against OpenCLIP cover both paths.
+# Text that ftfy.fix_text and html.unescape provably return unchanged: NFC-normalized text without
+# an '&' that could start an HTML entity and without any of the characters below, a superset of
+# those that ftfy's fixes act on or that its mojibake detector looks for (ASCII controls but tab and
+# newline; Latin-1 to Latin Extended-B; spacing modifiers; Greek and Cyrillic; punctuation,
+# currency, letterlike, arrows, maths and technical symbols; box drawing; ideographic space;
+# surrogates; private use; ligatures; BOM; half- and full-width forms and specials).
+# tests/test_tokenizer.py checks the superset against ftfy's tables and every code point. ftfy
+# costs more than the whole BPE, so skipping it for plain ASCII, CJK, Hangul, Thai, Arabic, Hebrew,
+# Devanagari or emoji text is what makes cleaning cheap.
+_FTFY_CHARS = (
+    "\x00-\x08\x0b-\x1f\x7f-\u024f\u02b0-\u02ff\u0370-\u052f\u2000-\u20cf\u2100-\u23ff"
+    "\u2500-\u25ff\u3000\ud800-\udfff\ue000-\uf8ff\ufb00-\ufb4f\ufeff\uff00-\uffff"
+)
+_MAY_NEED_FTFY = re.compile(f"[{_FTFY_CHARS}]|&(?![\t\n ]|\\Z)")
 _FTFY_CONFIG = ftfy.TextFixerConfig(explain=False)  # fix_text's default, built once
-_MAY_NEED_FTFY = re.compile(r"[^\t\n\x20-\x7e]|&(?![\t\n ]|\Z)")
 
 # OpenAI's pre-tokenizer pattern, run by the `regex` module like OpenAI's code, so that the Unicode
 # letter and number classes are exactly its own (the regex engine inside `tokenizers` knows an older
@@ -71,7 +80,7 @@ _CACHE_SIZE = 1 << 18
 
 def clean_text(text: str) -> str:
     """OpenAI's caption cleaning without its lowercasing: ftfy, HTML unescaping, whitespace collapsed."""
-    if _MAY_NEED_FTFY.search(text):
+    if _MAY_NEED_FTFY.search(text) or not unicodedata.is_normalized("NFC", text):
         text = html.unescape(html.unescape(ftfy.fix_text(text, _FTFY_CONFIG)))
     return " ".join(text.split())
 
@@ -120,22 +129,23 @@ class Tokenizer:
         if isinstance(texts, str):
             texts = [texts]
         length = context_length or self.context_length
-        prefix = self._prefix
-        if length < len(prefix) + 1:
+        start = len(self._prefix)  # 1, or 0 for a vocabulary without a start token
+        max_text_tokens = length - start - 1
+        if max_text_tokens < 0:
             raise ValueError(f"context_length={length} leaves no room for the start and end tokens")
-        max_text_tokens = length - len(prefix) - 1
         rows = np.zeros((len(texts), length), dtype=np.int64)  # [N, L]
+        rows[:, :start] = self._prefix
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise TypeError(f"text {i} of the batch is a {type(text).__name__}, not a str")
             ids = self._encode_row(text)
-            if len(ids) > max_text_tokens:
+            num_ids = len(ids)
+            if num_ids > max_text_tokens:
                 if not truncate:
-                    raise RuntimeError(_too_long_message(text, i, len(prefix) + len(ids) + 1, length))
-                ids = ids[:max_text_tokens]
-            rows[i, : len(prefix)] = prefix
-            rows[i, len(prefix) : len(prefix) + len(ids)] = ids
-            rows[i, len(prefix) + len(ids)] = self.eot_token_id
+                    raise RuntimeError(_too_long_message(text, i, start + num_ids + 1, length))
+                ids, num_ids = ids[:max_text_tokens], max_text_tokens
+            rows[i, start : start + num_ids] = ids
+            rows[i, start + num_ids] = self.eot_token_id
         return torch.from_numpy(rows)
 
     def decode(self, ids: Union[Sequence[int], torch.Tensor]) -> str:

@@ -14,8 +14,11 @@ import subprocess
 import sys
 import tarfile
 import textwrap
+import unicodedata
+from collections.abc import Iterator
 from pathlib import Path
 
+import ftfy
 import pytest
 import torch
 import torch.nn.functional as F
@@ -113,15 +116,48 @@ def test_ids_equal_openclip_untruncated(corpus, reference, tok):
 
 
 def test_corpus_exercises_every_path(corpus):
-    # The fast paths (no ftfy; ASCII word pattern) and the slow ones must all be covered above.
-    cleaned = [clean_text(t) for t in corpus]
-    needs_ftfy = sum(1 for t in corpus if clip.tokenizer._MAY_NEED_FTFY.search(t))
-    ascii_only = sum(1 for t in cleaned if t.isascii())
-    assert 200 < needs_ftfy < len(corpus) - 200
+    # The fast paths (ftfy skipped; ASCII word pattern) and the slow ones must all be covered above.
+    skips_ftfy = [t for t in corpus if not clip.tokenizer._MAY_NEED_FTFY.search(t)]
+    assert 200 < len(skips_ftfy) < len(corpus) - 200
+    assert sum(not t.isascii() for t in skips_ftfy) > 200
+    ascii_only = sum(1 for t in corpus if clean_text(t).isascii())
     assert 200 < ascii_only < len(corpus) - 200
     num_tokens = [len(get_tokenizer("openai").encode(t)) for t in corpus]
     assert sum(n > 200 for n in num_tokens) > 100, "long texts are missing"
     assert 0 in num_tokens
+
+
+def _code_points(stride: int) -> Iterator[str]:
+    """Every BMP code point but surrogates, then every `stride`-th one of the other planes."""
+    for c in [*range(0xD800), *range(0xE000, 0x10000), *range(0x10000, 0x110000, stride)]:
+        yield chr(c)
+
+
+def _skips_ftfy(text: str) -> bool:
+    return not clip.tokenizer._MAY_NEED_FTFY.search(text) and unicodedata.is_normalized("NFC", text)
+
+
+def test_ftfy_shortcut_covers_ftfy_tables():
+    # clean_text skips ftfy for NFC text without the characters of _MAY_NEED_FTFY. These are the
+    # characters ftfy's fixes and mojibake detector act on (its internal tables, read here only).
+    from ftfy import badness, chardata
+
+    acted_on = {*chardata.CONTROL_CHARS, *chardata.LIGATURES, *chardata.WIDTH_MAP, 0x85, 0x2028, 0x2029}
+    acted_on |= {ord(c) for c in badness.BADNESS_RE.pattern if ord(c) > 0x7F}
+    classes = [f"[{chars}]" for chars in badness.MOJIBAKE_CATEGORIES.values()]
+    classes += [chardata.SINGLE_QUOTE_RE.pattern, chardata.DOUBLE_QUOTE_RE.pattern]
+    every_code_point = "".join(_code_points(stride=1))
+    acted_on |= {ord(m.group()) for m in re.finditer("|".join(classes), every_code_point)}
+    missed = sorted(hex(c) for c in acted_on if c not in (0x09, 0x0A) and _skips_ftfy(chr(c)))
+    assert not missed
+
+
+@pytest.mark.parametrize("stride", [pytest.param(1, marks=pytest.mark.slow), 37])
+def test_ftfy_leaves_text_it_skips_unchanged(stride):
+    for c in _code_points(stride):
+        text = f"a{c}b"
+        if _skips_ftfy(text):
+            assert ftfy.fix_text(text) == text, hex(ord(c))
 
 
 def test_batches_equal_openclip_truncated(corpus, reference, tok):
