@@ -6,9 +6,25 @@
 Importing `clip` loads torch and the model code only: never Hydra, wandb or webdataset.
 """
 
-from clip.models import CLIP, list_models
-from clip.tokenizer import get_tokenizer, tokenize
-
 __version__ = "0.1.0"
 
-__all__ = ["CLIP", "get_tokenizer", "list_models", "tokenize", "__version__"]
+from clip.api import available_models, create_model, create_model_and_transforms, load
+from clip.models import CLIP, list_models
+from clip.models.weights import CheckpointFormatError, CheckpointMismatchError, UnsafeCheckpointError, export_model
+from clip.tokenizer import get_tokenizer, tokenize
+
+__all__ = [
+    "CLIP",
+    "CheckpointFormatError",
+    "CheckpointMismatchError",
+    "UnsafeCheckpointError",
+    "available_models",
+    "create_model",
+    "create_model_and_transforms",
+    "export_model",
+    "get_tokenizer",
+    "list_models",
+    "load",
+    "tokenize",
+    "__version__",
+]

@@ -8,7 +8,7 @@ classes. Field names are the config keys users type (`model.vision.width=1024`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
 VISION_KINDS = ("vit", "resnet", "timm")
@@ -129,3 +129,28 @@ def validate_model_config(cfg: ModelConfig, prefix: str = "model") -> None:
         problems.append(f"{prefix}.text.eot_token_id={t.eot_token_id} is outside the vocabulary of {t.vocab_size}")
     if problems:
         raise ValueError("invalid model config: " + "; ".join(problems))
+
+
+def model_config_to_dict(cfg: ModelConfig) -> dict:
+    """Plain JSON-able dict of a model config (stored inside checkpoints and exports)."""
+    return asdict(cfg)
+
+
+def model_config_from_dict(data: dict, prefix: str = "model") -> ModelConfig:
+    """Inverse of `model_config_to_dict`; unknown keys raise ValueError naming them, absent keys take defaults."""
+    data = dict(data)
+    sections = {"vision": VisionConfig, "text": TextConfig}
+    parts = {}
+    for section, section_cls in sections.items():
+        parts[section] = _dataclass_from_dict(section_cls, data.pop(section, {}), f"{prefix}.{section}")
+    cfg = _dataclass_from_dict(ModelConfig, data, prefix, **parts)
+    validate_model_config(cfg, prefix)
+    return cfg
+
+
+def _dataclass_from_dict(cls: type, data: dict, prefix: str, **extra):
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown config keys: {', '.join(f'{prefix}.{key}' for key in unknown)}")
+    return cls(**data, **extra)

@@ -1,0 +1,1 @@
+"""Data: the training pipeline and the evaluation datasets."""

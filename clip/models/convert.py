@@ -1,0 +1,389 @@
+"""Checkpoints from OpenAI, OpenCLIP, Hugging Face and our own exports -> (config, OpenAI-layout state dict).
+
+Formats, detected from the file's bytes (never from its name):
+- our export: safetensors with the model config in its metadata (`clip.models.weights.export_model`);
+- OpenAI's release archives: TorchScript zips, read without running them (`clip.models.torchscript`);
+- state dicts in OpenAI's key layout (OpenAI, OpenCLIP) as `.pt`/`.bin` (torch zip or legacy pickle,
+  read with `weights_only=True`) or `.safetensors`, bare or wrapped in {"state_dict": ...}, with or
+  without DDP's `module.` / torch.compile's `_orig_mod.` prefixes;
+- a Hugging Face `CLIPModel` directory (config.json + weights), mapped to OpenAI's layout.
+
+When a checkpoint stores no config, `infer_model_config` reads the architecture from tensor shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+
+from clip.config import ModelConfig, TextConfig, VisionConfig, model_config_to_dict
+from clip.models.registry import get_model_config, list_models
+from clip.models.torchscript import is_torchscript_archive, read_torchscript_state_dict
+from clip.models.weights import (
+    ADAPTABLE_CONFIG_FIELDS,
+    CheckpointFormatError,
+    PathLike,
+    config_differences,
+    load_safetensors_file,
+    load_torch_file,
+    read_export_config,
+    read_safetensors_header,
+)
+
+# Scalars OpenAI's archives keep beside the weights; their values are implied by the tensor shapes.
+_OPENAI_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP, torch.compile
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read into memory: OpenAI-layout tensors, the stored model config if any, its kind."""
+
+    state_dict: dict[str, torch.Tensor]
+    config: Optional[dict]  # model config dict (export, HF); None when only tensors were stored
+    source: str  # e.g. "OpenAI TorchScript archive ViT-B-32.pt", for messages
+
+
+# ------------------------------------------------------------------------------------ format detection
+
+
+def _file_kind(path: Path) -> str:
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return "hf"
+        raise CheckpointFormatError(f"{path}: a directory without config.json is not a Hugging Face CLIPModel")
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) == 9 and head[8:9] == b"{":  # 8-byte header length, then the JSON header
+        return "safetensors"
+    if head.startswith(b"PK\x03\x04"):
+        return "torchscript" if is_torchscript_archive(path) else "torch"
+    if head.startswith(b"\x80"):  # pickle protocol >= 2: torch's legacy (pre-1.6) format
+        return "torch"
+    raise CheckpointFormatError(
+        f"{path}: unknown checkpoint format (expected safetensors, a torch .pt/.bin zip or pickle, a TorchScript "
+        "archive, or a Hugging Face directory)"
+    )
+
+
+def read_checkpoint_config(path: PathLike) -> Optional[dict]:
+    """The model config a checkpoint stores (our export's metadata, HF's config.json), reading no tensors."""
+    path = Path(path)
+    kind = _file_kind(path)
+    if kind == "safetensors":
+        return read_export_config(read_safetensors_header(path)[1], path)
+    if kind == "hf":
+        return model_config_to_dict(hf_config_to_model_config(_read_hf_config(path), path))
+    return None
+
+
+def read_checkpoint(path: PathLike) -> Checkpoint:
+    """Read any supported checkpoint (see the module docstring) into an OpenAI-layout state dict."""
+    path = Path(path)
+    kind = _file_kind(path)
+    if kind == "hf":
+        hf_config = _read_hf_config(path)
+        cfg = hf_config_to_model_config(hf_config, path)
+        state_dict = hf_state_dict_to_openai(_read_hf_weights(path), cfg, path)
+        return Checkpoint(state_dict, model_config_to_dict(cfg), f"Hugging Face CLIPModel {path}")
+    if kind == "safetensors":
+        tensors, metadata = load_safetensors_file(path)
+        config = read_export_config(metadata, path)
+        kind = "export" if config else "safetensors"
+        return Checkpoint(_as_openai_state_dict(tensors, path), config, f"{kind} {path}")
+    if kind == "torchscript":
+        return Checkpoint(
+            _as_openai_state_dict(read_torchscript_state_dict(path), path), None, f"OpenAI TorchScript archive {path}"
+        )
+    return Checkpoint(_as_openai_state_dict(load_torch_file(path), path), None, f"state dict {path}")
+
+
+def _as_openai_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:
+    """Unwrap {"state_dict": ...}, strip wrapper prefixes, drop OpenAI's scalar metadata, check it is all tensors."""
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]  # OpenCLIP training checkpoints
+    if not isinstance(obj, Mapping) or not obj:
+        raise CheckpointFormatError(f"{path}: expected a state dict (a mapping of names to tensors)")
+    state_dict = dict(obj)
+    while prefix := next((p for p in _WRAPPER_PREFIXES if all(key.startswith(p) for key in state_dict)), None):
+        state_dict = {key[len(prefix) :]: value for key, value in state_dict.items()}
+    not_tensors = [key for key, value in state_dict.items() if not isinstance(value, torch.Tensor)]
+    if not_tensors:
+        raise CheckpointFormatError(f"{path}: entries that are not tensors: {', '.join(map(str, not_tensors[:10]))}")
+    if any(key.startswith(("text_model.", "vision_model.")) for key in state_dict):
+        raise CheckpointFormatError(
+            f"{path}: Hugging Face CLIPModel weights: pass the model's directory (with its config.json) instead"
+        )
+    for key in _OPENAI_METADATA_KEYS:
+        state_dict.pop(key, None)
+    return state_dict
+
+
+# ----------------------------------------------------------------------------------- Hugging Face
+
+
+def _read_hf_config(path: Path) -> dict:
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointFormatError(f"{path / 'config.json'}: not valid JSON: {exc}") from None
+    if config.get("model_type") != "clip":
+        raise CheckpointFormatError(
+            f"{path / 'config.json'}: model_type={config.get('model_type')!r}; only Hugging Face CLIPModel ('clip') "
+            "directories are supported"
+        )
+    return config
+
+
+def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
+    if (path / "model.safetensors").is_file():
+        return load_safetensors_file(path / "model.safetensors")[0]
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        tensors = {}
+        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+            if Path(shard).name != shard:  # shard names are plain file names; never follow a path out of the dir
+                raise CheckpointFormatError(f"{index}: shard name {shard!r} is not a file name")
+            tensors.update(load_safetensors_file(path / shard)[0])
+        return tensors
+    if (path / "pytorch_model.bin").is_file():
+        return load_torch_file(path / "pytorch_model.bin")
+    raise CheckpointFormatError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+def _mlp_ratio(width: int, mlp_width: int) -> float:
+    # The config stores a ratio and the model truncates width * ratio; nudge the float up when the
+    # division rounded below the exact hidden size (e.g. 1408 * (6144 / 1408) < 6144 in floating point).
+    ratio = mlp_width / width
+    return ratio if int(width * ratio) == mlp_width else math.nextafter(ratio, math.inf)
+
+
+def hf_config_to_model_config(hf: dict, path: PathLike = "config.json") -> ModelConfig:
+    """Hugging Face `CLIPConfig` dict -> ModelConfig; raises for options our towers do not implement."""
+    try:
+        vision, text = hf["vision_config"], hf["text_config"]
+        activations = {vision.get("hidden_act", "quick_gelu"), text.get("hidden_act", "quick_gelu")}
+        problems = []
+        if len(activations) > 1 or not activations <= {"quick_gelu", "gelu"}:
+            problems.append(f"hidden_act {sorted(activations)} (supported: one of quick_gelu, gelu for both towers)")
+        for section in (vision, text):
+            if section.get("layer_norm_eps", 1e-5) != 1e-5:
+                problems.append(f"layer_norm_eps={section['layer_norm_eps']} (supported: 1e-5)")
+        if vision.get("num_channels", 3) != 3:
+            problems.append(f"vision num_channels={vision['num_channels']} (supported: 3)")
+        if problems:
+            raise CheckpointFormatError(f"{path}: unsupported Hugging Face CLIP config: {'; '.join(problems)}")
+        # Configs written before transformers PR #24773 say eos_token_id=2 and pool at argmax(input_ids),
+        # which is the end-of-text token exactly when it is the largest id, as in OpenAI's vocabulary.
+        eos = text.get("eos_token_id", 2)
+        vision_cfg = VisionConfig(
+            kind="vit",
+            image_size=vision["image_size"],
+            patch_size=vision["patch_size"],
+            width=vision["hidden_size"],
+            layers=vision["num_hidden_layers"],
+            head_width=vision["hidden_size"] // vision["num_attention_heads"],
+            mlp_ratio=_mlp_ratio(vision["hidden_size"], vision["intermediate_size"]),
+        )
+        text_cfg = TextConfig(
+            context_length=text["max_position_embeddings"],
+            vocab_size=text["vocab_size"],
+            width=text["hidden_size"],
+            heads=text["num_attention_heads"],
+            layers=text["num_hidden_layers"],
+            mlp_ratio=_mlp_ratio(text["hidden_size"], text["intermediate_size"]),
+            eot_token_id=text["vocab_size"] - 1 if eos == 2 else eos,
+        )
+        return ModelConfig(
+            embed_dim=hf["projection_dim"],
+            vision=vision_cfg,
+            text=text_cfg,
+            activation=activations.pop(),
+            init_logit_scale=hf.get("logit_scale_init_value", math.log(1 / 0.07)),
+        )
+    except KeyError as exc:
+        raise CheckpointFormatError(f"{path}: Hugging Face CLIP config lacks {exc}") from None
+
+
+_HF_BLOCK = re.compile(r"^(text_model|vision_model)\.encoder\.layers\.(\d+)\.(.+)$")
+_HF_BLOCK_PARTS = {
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+    "self_attn.out_proj": "attn.out_proj",
+}
+_HF_TOP = {
+    "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+    "text_model.embeddings.position_embedding.weight": "positional_embedding",
+    "text_model.final_layer_norm.weight": "ln_final.weight",
+    "text_model.final_layer_norm.bias": "ln_final.bias",
+    "vision_model.embeddings.class_embedding": "visual.class_embedding",
+    "vision_model.embeddings.patch_embedding.weight": "visual.conv1.weight",
+    "vision_model.embeddings.position_embedding.weight": "visual.positional_embedding",
+    "vision_model.pre_layrnorm.weight": "visual.ln_pre.weight",  # sic: HF's attribute name
+    "vision_model.pre_layrnorm.bias": "visual.ln_pre.bias",
+    "vision_model.post_layernorm.weight": "visual.ln_post.weight",
+    "vision_model.post_layernorm.bias": "visual.ln_post.bias",
+    "logit_scale": "logit_scale",
+}
+_HF_TRANSPOSED = {"text_projection.weight": "text_projection", "visual_projection.weight": "visual.proj"}
+
+
+def hf_state_dict_to_openai(hf: Mapping[str, torch.Tensor], cfg: ModelConfig, path: PathLike = "") -> dict:
+    """Rename HF `CLIPModel` weights to OpenAI's layout; q/k/v projections are stacked into `in_proj`.
+
+    Every HF key must be understood: anything else raises, naming the keys (strict loading starts here).
+    """
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)  # "<block>.attn.in_proj_weight" -> {q, k, v}
+    unknown = []
+    for key, value in hf.items():
+        if key.endswith("position_ids"):  # an index buffer older transformers versions saved
+            continue
+        if key in _HF_TOP:
+            out[_HF_TOP[key]] = value
+        elif key in _HF_TRANSPOSED:
+            out[_HF_TRANSPOSED[key]] = value.t().contiguous()  # nn.Linear [E, D] -> OpenAI's [D, E] matrix
+        elif match := _HF_BLOCK.match(key):
+            tower, index, rest = match.groups()
+            block = f"{'visual.' if tower == 'vision_model' else ''}transformer.resblocks.{index}"
+            if attn := re.fullmatch(r"self_attn\.([qkv])_proj\.(weight|bias)", rest):
+                qkv[f"{block}.attn.in_proj_{attn.group(2)}"][attn.group(1)] = value
+                continue
+            module, _, param = rest.rpartition(".")
+            if module not in _HF_BLOCK_PARTS:
+                unknown.append(key)
+                continue
+            out[f"{block}.{_HF_BLOCK_PARTS[module]}.{param}"] = value
+        else:
+            unknown.append(key)
+    for key, parts in qkv.items():
+        if set(parts) != {"q", "k", "v"}:
+            raise CheckpointFormatError(f"{path}: {key} lacks {sorted({'q', 'k', 'v'} - set(parts))} projections")
+        out[key] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+    if unknown:
+        raise CheckpointFormatError(f"{path}: Hugging Face keys with no CLIP counterpart: {', '.join(unknown[:10])}")
+    return out
+
+
+# -------------------------------------------------------------------------------- shape inference
+
+# Fields that only affect initialisation or training, never the function a set of weights computes.
+_INIT_ONLY = frozenset({"vision.patch_dropout", "vision.timm_pretrained", "init_logit_scale", "init_logit_bias"})
+# Ignoring these, two configs with equal fields have the same tensor shapes: the fields shapes cannot
+# tell (a registered config that matches on everything else supplies them) and the adaptable ones.
+ARCHITECTURE_ONLY = ADAPTABLE_CONFIG_FIELDS | {"vision.head_width", "text.heads", "activation", "text.tokenizer"}
+
+
+def _count_blocks(state_dict: Mapping[str, torch.Tensor], pattern: str) -> int:
+    regex = re.compile(pattern)
+    return len({match.group(1) for key in state_dict if (match := regex.match(key))})
+
+
+def infer_model_config(state_dict: Mapping[str, torch.Tensor], activation: str = "quick_gelu") -> ModelConfig:
+    """Architecture of an OpenAI-layout state dict, from tensor shapes.
+
+    Attention heads are not visible in shapes: they come from a registered model with the same shapes
+    (e.g. ViT-H-14's 80-wide heads), else OpenAI's convention of 64-wide heads. The activation is not
+    visible either: it is an argument (QuickGELU, as OpenAI's weights need, by default).
+    """
+    sd = state_dict
+    try:
+        if "visual.class_embedding" in sd:
+            width, _, patch, _ = sd["visual.conv1.weight"].shape
+            grid = math.isqrt(sd["visual.positional_embedding"].shape[0] - 1)
+            vision = VisionConfig(
+                kind="vit",
+                image_size=grid * patch,
+                patch_size=patch,
+                width=width,
+                layers=_count_blocks(sd, r"^visual\.transformer\.resblocks\.(\d+)\."),
+                mlp_ratio=_mlp_ratio(width, sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0]),
+            )
+            embed_dim = sd["visual.proj"].shape[1]
+        elif "visual.layer1.0.conv1.weight" in sd:
+            grid = math.isqrt(sd["visual.attnpool.positional_embedding"].shape[0] - 1)
+            vision = VisionConfig(
+                kind="resnet",
+                image_size=grid * 32,
+                width=sd["visual.layer1.0.conv1.weight"].shape[0],
+                stage_blocks=[_count_blocks(sd, rf"^visual\.layer{stage}\.(\d+)\.") for stage in (1, 2, 3, 4)],
+            )
+            embed_dim = sd["visual.attnpool.c_proj.weight"].shape[0]
+        elif any(key.startswith("visual.trunk.") for key in sd):
+            raise CheckpointFormatError(
+                "a timm image tower's architecture cannot be read from tensor shapes: pass the model name"
+            )
+        else:
+            raise CheckpointFormatError("not a CLIP state dict in OpenAI's layout (no visual.class_embedding or "
+                                        "visual.layer1.*)")  # fmt: skip
+        vocab_size, text_width = sd["token_embedding.weight"].shape
+        text = TextConfig(
+            context_length=sd["positional_embedding"].shape[0],
+            vocab_size=vocab_size,
+            width=text_width,
+            heads=max(1, text_width // 64),
+            layers=_count_blocks(sd, r"^transformer\.resblocks\.(\d+)\."),
+            mlp_ratio=_mlp_ratio(text_width, sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]),
+            eot_token_id=vocab_size - 1,  # OpenAI's convention: end-of-text is the last id
+        )
+    except KeyError as exc:
+        raise CheckpointFormatError(f"state dict lacks {exc}, which every CLIP in OpenAI's layout has") from None
+    cfg = ModelConfig(embed_dim=embed_dim, vision=vision, text=text, activation=activation)
+    if "logit_bias" in sd:
+        cfg.init_logit_bias = float(sd["logit_bias"])
+    registered = find_registered_name(cfg, ignore=ARCHITECTURE_ONLY)
+    if registered is not None:  # take what shapes cannot say, and the registry's spelling of the MLP ratios
+        reference = get_model_config(registered)
+        cfg.vision.head_width, cfg.text.heads = reference.vision.head_width, reference.text.heads
+        cfg.vision.mlp_ratio, cfg.text.mlp_ratio = reference.vision.mlp_ratio, reference.text.mlp_ratio
+    return cfg
+
+
+def find_registered_name(cfg: ModelConfig, ignore=ADAPTABLE_CONFIG_FIELDS) -> Optional[str]:
+    """A registered model name with `cfg`'s architecture (fields in `ignore` aside); among several, the one
+    that also agrees on the most ignored fields (image size, activation)."""
+    registered = {name: get_model_config(name) for name in list_models()}
+    matches = [name for name, stored in registered.items() if not config_differences(stored, cfg, ignore=ignore)]
+    matches.sort(key=lambda name: len(config_differences(registered[name], cfg, ignore=_INIT_ONLY)))
+    return matches[0] if matches else None
+
+
+# ------------------------------------------------------------------------- positional embeddings
+
+
+def resize_positional_embedding(embedding: torch.Tensor, grid_size: int) -> torch.Tensor:
+    """[1 + G*G, D] -> [1 + grid_size**2, D]: bicubic (antialiased) on the grid; the first token is kept.
+
+    The first token is the ViT class token or, in the ResNet attention pool, the mean-feature query.
+    """
+    old_grid = math.isqrt(embedding.shape[0] - 1)
+    if old_grid**2 + 1 != embedding.shape[0]:
+        raise CheckpointFormatError(f"positional embedding of {embedding.shape[0]} tokens is not 1 + a square grid")
+    if old_grid == grid_size:
+        return embedding
+    first, grid = embedding[:1], embedding[1:]
+    grid = grid.float().reshape(1, old_grid, old_grid, -1).permute(0, 3, 1, 2)  # [1, D, G, G]
+    grid = F.interpolate(grid, size=(grid_size, grid_size), mode="bicubic", antialias=True, align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(grid_size * grid_size, -1).to(embedding.dtype)  # [G'*G', D]
+    return torch.cat([first, grid], dim=0)
+
+
+def resize_positional_embeddings(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict:
+    """Adapt a checkpoint's image positional embeddings to `cfg`'s image size (ViT grid, ResNet attention pool)."""
+    key = {"vit": "visual.positional_embedding", "resnet": "visual.attnpool.positional_embedding"}.get(cfg.vision.kind)
+    state_dict = dict(state_dict)
+    if key in state_dict:
+        state_dict[key] = resize_positional_embedding(state_dict[key], cfg.vision.grid_size)
+    return state_dict

@@ -1,0 +1,499 @@
+"""Zero-shot classification, image-text retrieval and linear probes of a CLIP model.
+
+Every evaluation runs on all ranks when torch.distributed is initialised: each rank encodes its
+share of the data, the per-sample results are gathered back into dataset order, and every rank
+returns the same metrics, equal to a single-process run. Every rank also makes the same number of
+encoder calls (a rank that has run out of data encodes a throw-away batch), so a model sharded with
+FSDP, which all-gathers weights inside each call, never waits on a rank that has stopped: no rank
+ever waits alone on a collective.
+
+On the same model, data and tokenizer the metrics equal CLIP_benchmark's `zeroshot_classification`
+and `zeroshot_retrieval` (tests/test_zero_shot.py). Metric keys are `eval/<set>_<metric>`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
+from tqdm import tqdm
+
+from clip.data.eval_datasets import ClassificationSet, RetrievalSet, TarEvalDataset, collate_eval_batch
+
+Tokenize = Callable[[list[str]], torch.Tensor]
+
+TOPK = (1, 5)
+RECALL_KS = (1, 5, 10)
+# Linear-probe L2 strengths swept on the validation split: 1e-6 ... 1e2, one per decade.
+DEFAULT_WEIGHT_DECAYS = tuple(10.0**exponent for exponent in range(-6, 3))
+
+
+def format_prompt(template: str, classname: str) -> str:
+    """Fill a template's `{}` (OpenAI's lists) or `{c}` (CLIP_benchmark's files) with a class name."""
+    for placeholder in ("{c}", "{}"):
+        if placeholder in template:
+            return template.replace(placeholder, classname)
+    raise ValueError(f"prompt template {template!r} has no '{{}}' or '{{c}}' placeholder")
+
+
+# ---------------------------------------------------------------------------------------------
+# Running on all ranks
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _gather_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows (counts may differ between ranks) concatenated in rank order."""
+    _, world = _rank_and_world()
+    if world == 1:
+        return rows
+    count = torch.tensor([rows.shape[0]], device=rows.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    longest = max(int(c) for c in counts)
+    padded = rows.new_zeros((longest, *rows.shape[1:]))
+    padded[: rows.shape[0]] = rows
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded)
+    return torch.cat([part[: int(c)] for part, c in zip(gathered, counts)])
+
+
+def _gather_in_order(keys: torch.Tensor, *columns: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """All ranks' (keys, columns...) sorted by key: the order a single process would have seen."""
+    all_keys = _gather_rows(keys)
+    order = torch.sort(all_keys, stable=True).indices
+    return (all_keys[order], *(_gather_rows(column)[order] for column in columns))
+
+
+def _cat(parts: list[torch.Tensor], empty: torch.Tensor) -> torch.Tensor:
+    # A rank may get no samples at all (fewer samples or shards than ranks).
+    return torch.cat(parts) if parts else empty
+
+
+def _batches_in_lockstep(
+    dataset: Dataset, *, batch_size: int, num_workers: int, device: torch.device, progress: bool, desc: str
+) -> Iterator[tuple[torch.Tensor, Any, torch.Tensor | None]]:
+    """This rank's share of `dataset` as (images, targets, keys), then (throw-away images, None,
+    None) until every rank is done, so that all ranks make the same number of encoder calls.
+
+    Rank r takes indices r, r + world, ... of a map-style dataset and shards r, r + world, ... of a
+    `TarEvalDataset`; any other iterable dataset must split itself across ranks. Keys sort samples
+    into single-process order: the dataset index for map-style datasets, (rank, position) otherwise.
+    """
+    rank, world = _rank_and_world()
+    if isinstance(dataset, IterableDataset):
+        local = dataset.for_rank(rank, world) if isinstance(dataset, TarEvalDataset) else dataset
+        first_key, key_step, num_batches = rank << 40, 1, None
+    else:
+        local = Subset(dataset, range(rank, len(dataset), world))
+        first_key, key_step, num_batches = rank, world, math.ceil(len(local) / batch_size)
+    loader = DataLoader(
+        local,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=collate_eval_batch,
+        pin_memory=device.type == "cuda",
+    )
+    batches = iter(loader)
+    position = 0
+    with tqdm(total=num_batches, desc=desc, unit="batch", disable=not progress or rank != 0) as bar:
+        while True:
+            batch, error = None, None
+            try:
+                batch = next(batches, None)
+            except Exception as caught:  # e.g. an unreadable shard: every rank must stop, not wait
+                error = caught
+            # [failed, has a batch, C, H, W]: one MAX over ranks tells every rank whether any rank
+            # failed or still has data, and gives a rank without data the shape of its throw-away batch.
+            state = torch.zeros(5, dtype=torch.long, device=device)
+            state[0] = error is not None
+            if batch is not None:
+                state[1] = 1
+                state[2:] = torch.tensor(batch[0].shape[1:])
+            if world > 1:
+                dist.all_reduce(state, op=dist.ReduceOp.MAX)
+            if error is not None:
+                raise error
+            if state[0].item():
+                raise RuntimeError(f"evaluation of {desc!r} failed on another rank (its log names the cause)")
+            if state[1].item() == 0:
+                return
+            if batch is None:
+                yield torch.zeros(1, *state[2:].tolist(), device=device), None, None
+                continue
+            images, targets = batch
+            keys = first_key + key_step * torch.arange(position, position + len(images), device=device)
+            position += len(images)
+            bar.update(1)
+            yield images.to(device, non_blocking=True), targets, keys
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    # The trainer calls these hooks mid-run: give every module back its own mode (model.train()
+    # would also switch a locked tower that the trainer keeps in eval mode).
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _device_of(model: nn.Module, device: torch.device | str | None) -> torch.device:
+    return torch.device(device) if device is not None else next(model.parameters()).device
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Zero-shot classification
+
+
+@torch.no_grad()
+def build_zero_shot_classifier(
+    model: nn.Module,
+    tokenize: Tokenize,
+    classnames: Sequence[str],
+    templates: Sequence[str],
+    *,
+    device: torch.device | str | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Class weights [E, C]: per class, the mean of its prompts' L2-normalised text embeddings,
+    renormalised (prompt ensembling, Radford et al. 2021, arXiv:2103.00020 §3.1.4).
+
+    With torch.distributed initialised, ranks encode disjoint blocks of classes and share them.
+    """
+    if not classnames or not templates:
+        raise ValueError(f"need class names and templates, got {len(classnames)} and {len(templates)}")
+    for template in templates:
+        format_prompt(template, "")  # a bad template fails here, before any encoding
+    device = _device_of(model, device)
+    rank, world = _rank_and_world()
+    per_rank = math.ceil(len(classnames) / world)
+    rows = []
+    with _eval_mode(model), _autocast(device, autocast_dtype):
+        for index in range(rank * per_rank, (rank + 1) * per_rank):
+            # Past the last class a rank encodes it again and drops it: equal encoder calls per rank.
+            classname = classnames[min(index, len(classnames) - 1)]
+            tokens = tokenize([format_prompt(template, classname) for template in templates]).to(device)
+            embeddings = model.encode_text(tokens, normalize=True).float()  # [T, E]
+            rows.append(F.normalize(embeddings.mean(dim=0), dim=-1))
+    weights = _gather_rows(torch.stack(rows))[: len(classnames)]  # [C, E]
+    return weights.t()
+
+
+def _topk_metrics(top: torch.Tensor, targets: torch.Tensor, num_classes: int) -> dict[str, float]:
+    """Metrics from the top-k class indices [N, k] (best first) and the true classes [N]."""
+    num_samples = len(targets)
+    if num_samples == 0:
+        raise ValueError("no samples to evaluate")
+    if int(targets.min()) < 0 or int(targets.max()) >= num_classes:
+        low, high = int(targets.min()), int(targets.max())
+        raise ValueError(f"labels span [{low}, {high}] but there are {num_classes} classes")
+    hits = top == targets[:, None]  # [N, k]
+    # top-5 of fewer than 5 classes is meaningless (CLIP_benchmark reports NaN): leave it out.
+    metrics = {f"top{k}": int(hits[:, :k].any(dim=1).sum()) / num_samples for k in TOPK if k <= num_classes}
+    # Mean over the classes present of each class's top-1 recall (sklearn's balanced accuracy).
+    total = torch.bincount(targets, minlength=num_classes)
+    correct = torch.bincount(targets[hits[:, 0]], minlength=num_classes)
+    present = total > 0
+    metrics["mean_per_class_recall"] = (correct[present].double() / total[present]).mean().item()
+    metrics["num_samples"] = num_samples
+    return metrics
+
+
+def classification_metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    """top1, top5 (with at least 5 classes), mean_per_class_recall and num_samples of logits [N, C]."""
+    num_classes = logits.shape[1]
+    top = logits.topk(min(max(TOPK), num_classes), dim=1).indices
+    return _topk_metrics(top, targets, num_classes)
+
+
+@torch.no_grad()
+def evaluate_zero_shot(
+    model: nn.Module,
+    dataset: Dataset,
+    classnames: Sequence[str],
+    templates: Sequence[str],
+    tokenize: Tokenize,
+    *,
+    name: str = "zero_shot",
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: torch.device | str | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    progress: bool = False,
+    classifier: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """Zero-shot accuracy of `model` on `dataset` of (image, class index).
+
+    Call it on every rank (or in a single process). Returns `eval/<name>_top1`, `_top5`,
+    `_mean_per_class_recall`, `_num_samples`, the same on every rank. `classifier` [E, C] skips
+    the text encoding (e.g. from a previous call with the same text tower).
+    """
+    device = _device_of(model, device)
+    if classifier is None:
+        classifier = build_zero_shot_classifier(
+            model, tokenize, classnames, templates, device=device, autocast_dtype=autocast_dtype
+        )
+    k = min(max(TOPK), len(classnames))
+    tops, labels, keys = [], [], []
+    with _eval_mode(model):
+        for images, targets, batch_keys in _batches_in_lockstep(
+            dataset, batch_size=batch_size, num_workers=num_workers, device=device, progress=progress, desc=name
+        ):
+            with _autocast(device, autocast_dtype):
+                features = model.encode_image(images, normalize=True)
+            if batch_keys is None:
+                continue
+            # OpenAI's notebook and CLIP_benchmark scale by 100; a scale cannot change the ranking
+            # except through rounding, which this keeps identical to theirs.
+            logits = 100.0 * features.float() @ classifier  # [B, C]
+            tops.append(logits.topk(k, dim=1).indices)
+            labels.append(torch.as_tensor(targets, device=device))
+            keys.append(batch_keys)
+    empty = torch.zeros(0, dtype=torch.long, device=device)
+    _, top, target = _gather_in_order(_cat(keys, empty), _cat(tops, empty.view(0, k)), _cat(labels, empty))
+    metrics = _topk_metrics(top, target, len(classnames))
+    return {f"eval/{name}_{metric}": value for metric, value in metrics.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Image-text retrieval
+
+
+def retrieval_metrics(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    text_image_index: torch.Tensor,
+    ks: Sequence[int] = RECALL_KS,
+) -> dict[str, float]:
+    """Recall@k both ways as CLIP papers and CLIP_benchmark report it: a query scores 1 when any of
+    its positives is among its k most similar items.
+
+    `image_retrieval_recall@k`: each caption retrieves among the images [I, E];
+    `text_retrieval_recall@k`: each image retrieves among the captions [T, E], any of its own
+    counting. `text_image_index` [T] is the image of each caption. Features are L2-normalised.
+    """
+    scores = text_features @ image_features.t()  # [T, I]
+    image_ids = torch.arange(len(image_features), device=scores.device)
+    metrics = {}
+    for k in ks:
+        top_images = scores.topk(min(k, scores.shape[1]), dim=1).indices  # [T, k]
+        image_hits = (top_images == text_image_index[:, None]).any(dim=1)
+        metrics[f"image_retrieval_recall@{k}"] = image_hits.float().mean().item()
+    for k in ks:
+        top_texts = scores.t().topk(min(k, scores.shape[0]), dim=1).indices  # [I, k]
+        text_hits = (text_image_index[top_texts] == image_ids[:, None]).any(dim=1)
+        metrics[f"text_retrieval_recall@{k}"] = text_hits.float().mean().item()
+    return metrics
+
+
+@torch.no_grad()
+def evaluate_retrieval(
+    model: nn.Module,
+    dataset: Dataset,
+    tokenize: Tokenize,
+    *,
+    name: str = "retrieval",
+    ks: Sequence[int] = RECALL_KS,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: torch.device | str | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Image<->text recall@k on `dataset` of (image, caption or list of captions).
+
+    Call it on every rank (or in a single process). Returns `eval/<name>_image_retrieval_recall@k`,
+    `eval/<name>_text_retrieval_recall@k`, `_num_images`, `_num_texts`, the same on every rank.
+    The score matrix is [texts, images] floats on every rank (COCO 5k: 25k x 5k, 0.5 GB).
+    """
+    device = _device_of(model, device)
+    image_parts, image_keys, text_parts, text_keys = [], [], [], []
+    with _eval_mode(model):
+        for images, captions, batch_keys in _batches_in_lockstep(
+            dataset, batch_size=batch_size, num_workers=num_workers, device=device, progress=progress, desc=name
+        ):
+            captions = [[""]] if batch_keys is None else [[c] if isinstance(c, str) else list(c) for c in captions]
+            tokens = tokenize([caption for per_image in captions for caption in per_image]).to(device)
+            with _autocast(device, autocast_dtype):
+                image_features = model.encode_image(images, normalize=True).float()  # [B, E]
+                text_features = model.encode_text(tokens, normalize=True).float()  # [sum of captions, E]
+            if batch_keys is None:
+                continue
+            counts = torch.tensor([len(per_image) for per_image in captions], device=device)
+            image_parts.append(image_features)
+            image_keys.append(batch_keys)
+            text_parts.append(text_features)
+            text_keys.append(batch_keys.repeat_interleave(counts))
+    empty_keys = torch.zeros(0, dtype=torch.long, device=device)
+    empty_features = torch.zeros(0, _embed_dim(model), device=device)
+    image_keys_sorted, images_sorted = _gather_in_order(_cat(image_keys, empty_keys), _cat(image_parts, empty_features))
+    text_keys_sorted, texts_sorted = _gather_in_order(_cat(text_keys, empty_keys), _cat(text_parts, empty_features))
+    if len(images_sorted) == 0:
+        raise ValueError(f"retrieval set {name!r} has no samples")
+    text_image_index = torch.searchsorted(image_keys_sorted, text_keys_sorted)
+    metrics = retrieval_metrics(images_sorted, texts_sorted, text_image_index, ks)
+    metrics["num_images"], metrics["num_texts"] = len(images_sorted), len(texts_sorted)
+    return {f"eval/{name}_{metric}": value for metric, value in metrics.items()}
+
+
+def _embed_dim(model: nn.Module) -> int:
+    return int(model.config.embed_dim) if hasattr(model, "config") else int(model.text_projection.shape[1])
+
+
+def evaluate(
+    model: nn.Module, eval_set: ClassificationSet | RetrievalSet, tokenize: Tokenize, **options: Any
+) -> dict[str, float]:
+    """Zero-shot classification or retrieval, whichever `eval_set` is (the trainer's eval hook)."""
+    if isinstance(eval_set, ClassificationSet):
+        return evaluate_zero_shot(
+            model, eval_set.dataset, eval_set.classnames, eval_set.templates, tokenize, name=eval_set.name, **options
+        )
+    return evaluate_retrieval(model, eval_set.dataset, tokenize, name=eval_set.name, **options)
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear probe
+
+
+@torch.no_grad()
+def extract_image_features(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: torch.device | str | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalised image features [N, E] and labels [N] of `dataset`, in dataset order, on every rank."""
+    device = _device_of(model, device)
+    parts, labels, keys = [], [], []
+    with _eval_mode(model):
+        for images, targets, batch_keys in _batches_in_lockstep(
+            dataset, batch_size=batch_size, num_workers=num_workers, device=device, progress=progress, desc="features"
+        ):
+            with _autocast(device, autocast_dtype):
+                features = model.encode_image(images, normalize=True).float()
+            if batch_keys is not None:
+                parts.append(features)
+                labels.append(torch.as_tensor(targets, device=device))
+                keys.append(batch_keys)
+    empty = torch.zeros(0, dtype=torch.long, device=device)
+    _, features, labels_sorted = _gather_in_order(
+        _cat(keys, empty), _cat(parts, torch.zeros(0, _embed_dim(model), device=device)), _cat(labels, empty)
+    )
+    return features, labels_sorted
+
+
+def fit_logistic_regression(
+    features: torch.Tensor, labels: torch.Tensor, num_classes: int, weight_decay: float, *, max_iter: int = 1000
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression by full-batch L-BFGS in float64.
+
+    Minimises mean cross-entropy + weight_decay / 2 * ||W||^2 (bias not penalised), the problem
+    scikit-learn's LogisticRegression solves with C = 1 / (N * weight_decay); convex, so the result
+    does not depend on the solver. Returns (weight [C, D], bias [C]).
+    """
+    x = features.double()
+    weight = torch.zeros(num_classes, x.shape[1], dtype=torch.float64, device=x.device, requires_grad=True)
+    bias = torch.zeros(num_classes, dtype=torch.float64, device=x.device, requires_grad=True)
+    optimizer = torch.optim.LBFGS(
+        [weight, bias],
+        lr=1.0,
+        max_iter=max_iter,
+        tolerance_grad=1e-10,
+        tolerance_change=1e-14,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(x @ weight.t() + bias, labels) + 0.5 * weight_decay * weight.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return weight.detach(), bias.detach()
+
+
+def _accuracy(weight: torch.Tensor, bias: torch.Tensor, features: torch.Tensor, labels: torch.Tensor) -> float:
+    predictions = (features.double() @ weight.t() + bias).argmax(dim=1)
+    return (predictions == labels).double().mean().item()
+
+
+def linear_probe(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    *,
+    weight_decays: Sequence[float] = DEFAULT_WEIGHT_DECAYS,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Logistic regression on frozen features: the weight decay with the best accuracy on a seeded
+    `val_fraction` split of the training features (ties: the stronger one) is refit on all of them
+    and scored on the test features (the protocol of Radford et al. 2021, appendix A.3)."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction={val_fraction} must be in (0, 1)")
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    order = torch.randperm(len(train_labels), generator=torch.Generator().manual_seed(seed)).to(train_labels.device)
+    num_val = max(1, int(len(order) * val_fraction))
+    val, fit = order[:num_val], order[num_val:]
+    best_accuracy, best_weight_decay = -1.0, None
+    for weight_decay in sorted(weight_decays):
+        weight, bias = fit_logistic_regression(train_features[fit], train_labels[fit], num_classes, weight_decay)
+        accuracy = _accuracy(weight, bias, train_features[val], train_labels[val])
+        if accuracy >= best_accuracy:
+            best_accuracy, best_weight_decay = accuracy, weight_decay
+    weight, bias = fit_logistic_regression(train_features, train_labels, num_classes, best_weight_decay)
+    metrics = classification_metrics(test_features.double() @ weight.t() + bias, test_labels)
+    metrics["weight_decay"] = best_weight_decay
+    metrics["val_top1"] = best_accuracy
+    return metrics
+
+
+def evaluate_linear_probe(
+    model: nn.Module,
+    train_dataset: Dataset,
+    test_dataset: Dataset,
+    *,
+    name: str = "linear_probe",
+    weight_decays: Sequence[float] = DEFAULT_WEIGHT_DECAYS,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    **encode_options: Any,
+) -> dict[str, float]:
+    """`linear_probe` on the model's image features of two (image, class index) datasets.
+
+    Returns `eval/<name>_linear_probe_top1`, `_top5`, `_mean_per_class_recall`, `_weight_decay`...
+    `encode_options` go to `extract_image_features` (batch_size, num_workers, device, ...).
+    """
+    train_features, train_labels = extract_image_features(model, train_dataset, **encode_options)
+    test_features, test_labels = extract_image_features(model, test_dataset, **encode_options)
+    metrics = linear_probe(
+        train_features, train_labels, test_features, test_labels,
+        weight_decays=weight_decays, val_fraction=val_fraction, seed=seed,
+    )
+    return {f"eval/{name}_linear_probe_{metric}": value for metric, value in metrics.items()}

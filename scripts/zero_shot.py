@@ -1,0 +1,119 @@
+"""Evaluate a CLIP model: zero-shot classification, image-text retrieval or a linear probe.
+
+    # ImageNet-1k zero-shot (val/ as class directories named by WordNet id; OpenAI's names and 80 templates)
+    python scripts/zero_shot.py --model ViT-B/32 --data /data/imagenet/val
+    # a training run (loads <run>/export/), on the synthetic held-out set and CIFAR-10 test
+    python scripts/zero_shot.py --model runs/smoke --data data/synthetic/heldout /data/cifar10
+    # COCO 5k retrieval (Karpathy test split)
+    python scripts/zero_shot.py --task retrieval --model ViT-B/32 --data dataset_coco.json --images /data/coco
+    # linear probe on CIFAR-100 (train split to fit, test split to score)
+    python scripts/zero_shot.py --task linear-probe --model ViT-B/32 --data /data/cifar100
+
+`--model` is anything `clip.load` accepts (a name, a checkpoint, an export directory) or a training
+run directory. `--data` formats are listed in clip/data/eval_datasets.py. Results are printed as a
+table and written to `--output` as JSON (fractions in [0, 1], as CLIP_benchmark writes them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from clip.data.eval_datasets import load_classification_set, load_retrieval_set
+from clip.zero_shot import evaluate, evaluate_linear_probe
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="model name, checkpoint, export directory or run directory")
+    parser.add_argument("--data", required=True, nargs="+", help="eval set(s): directory, shards or caption .json")
+    parser.add_argument("--task", choices=["zero-shot", "retrieval", "linear-probe"], default="zero-shot")
+    parser.add_argument("--images", help="retrieval: image root of a caption .json (default: the file's directory)")
+    parser.add_argument("--train-data", help="linear probe: training set (default: --data with split 'train')")
+    parser.add_argument("--split", default="test", help="CIFAR split / shard subdirectory / Karpathy split")
+    parser.add_argument("--name", help="set name in the metric keys (one --data only; default: from the path)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=4, help="DataLoader worker processes")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32", help="autocast dtype")
+    parser.add_argument("--output", default="eval_results.json", help="JSON file for the results")
+    args = parser.parse_args(argv)
+    if args.name and len(args.data) > 1:
+        parser.error("--name needs exactly one --data")
+    return args
+
+
+def resolve_model(name_or_path: str) -> str:
+    """A training run directory means its inference export, `<run>/export/`; anything else goes to
+    `clip.load` unchanged."""
+    export = Path(name_or_path) / "export"
+    return str(export) if export.is_dir() else name_or_path
+
+
+def format_table(results: dict[str, dict[str, float]]) -> str:
+    """One row per eval set, one column per metric."""
+    columns = list(dict.fromkeys(metric for metrics in results.values() for metric in metrics))
+    rows = [["set", *columns]]
+    for name, metrics in results.items():
+        cells = [metrics.get(column) for column in columns]
+        rows.append([name, *("" if v is None else str(v) if isinstance(v, int) else f"{v:.4f}" for v in cells)])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(temporary, path)
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+    args = parse_args(argv)
+    import clip
+
+    model_path = resolve_model(args.model)
+    model, preprocess = clip.load(model_path, device=args.device)
+    # clip.load casts to fp16 off the CPU, as OpenAI's does; evaluate fp32 weights, with autocast for
+    # --precision bf16/fp16, which is how CLIP_benchmark and the trainer's eval run.
+    model = model.float().eval()
+    # Long captions are cut at the model's context length, as CLIP_benchmark's tokenizer does.
+    tokenize = functools.partial(clip.tokenize, context_length=model.context_length, truncate=True)
+    options = dict(
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        device=args.device,
+        autocast_dtype=PRECISIONS[args.precision],
+        progress=True,
+    )
+    results: dict[str, dict[str, float]] = {}
+    for path in args.data:
+        if args.task == "zero-shot":
+            eval_set = load_classification_set(path, preprocess, name=args.name, split=args.split)
+            metrics = evaluate(model, eval_set, tokenize, **options)
+        elif args.task == "retrieval":
+            eval_set = load_retrieval_set(path, preprocess, images=args.images, name=args.name, split=args.split)
+            metrics = evaluate(model, eval_set, tokenize, **options)
+        else:
+            eval_set = load_classification_set(path, preprocess, name=args.name, split=args.split)
+            train_set = load_classification_set(args.train_data or path, preprocess, split="train")
+            metrics = evaluate_linear_probe(model, train_set.dataset, eval_set.dataset, name=eval_set.name, **options)
+        prefix = f"eval/{eval_set.name}_"
+        results[eval_set.name] = {key.removeprefix(prefix): value for key, value in metrics.items()}
+
+    print(format_table(results))
+    payload = {"model": args.model, "loaded": model_path, "task": args.task, "precision": args.precision,
+               "results": results}
+    _write_json(Path(args.output), payload)
+    print(f"results written to {args.output}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Reference models for parity tests: OpenCLIP and Hugging Face CLIPs built to match our configs.
+
+Test-only: the library never imports open_clip or transformers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from clip.config import ModelConfig
+
+
+def build_openclip(cfg: ModelConfig):
+    """An OpenCLIP `CLIP` with the same architecture as `cfg` (random init)."""
+    import open_clip
+
+    v, t = cfg.vision, cfg.text
+    if v.kind == "vit":
+        vision = dict(image_size=v.image_size, patch_size=v.patch_size, width=v.width, layers=v.layers,
+                      head_width=v.head_width, mlp_ratio=v.mlp_ratio)  # fmt: skip
+    elif v.kind == "resnet":
+        vision = dict(image_size=v.image_size, layers=tuple(v.stage_blocks), width=v.width, head_width=v.head_width)
+    else:  # timm: the trunk's own pooling (timm_pool='') and a bias-free linear projection, like ours
+        vision = dict(image_size=v.image_size, timm_model_name=v.timm_model, timm_pool="", timm_proj="linear")
+    text = dict(context_length=t.context_length, vocab_size=t.vocab_size, width=t.width, heads=t.heads,
+                layers=t.layers, mlp_ratio=t.mlp_ratio)  # fmt: skip
+    return open_clip.model.CLIP(
+        embed_dim=cfg.embed_dim, vision_cfg=vision, text_cfg=text, quick_gelu=cfg.activation == "quick_gelu"
+    )
+
+
+def randomize_norms(model: torch.nn.Module) -> None:
+    """Non-trivial LayerNorm/BatchNorm parameters and statistics, so that parity tests see them."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (torch.nn.LayerNorm, torch.nn.BatchNorm2d)):
+                module.weight.copy_(1 + 0.1 * torch.randn(module.weight.shape, generator=generator))
+                module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=generator))
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.copy_(0.1 * torch.randn(module.running_mean.shape, generator=generator))
+                module.running_var.copy_(1 + 0.1 * torch.rand(module.running_var.shape, generator=generator))
+
+
+def sample_inputs(cfg: ModelConfig, eot_token_id: int = 49407, num_images: int = 3, num_texts: int = 4):
+    """Random images and token rows whose end-of-text tokens sit at different positions."""
+    generator = torch.Generator().manual_seed(2)
+    size = cfg.vision.image_size
+    images = torch.randn(num_images, 3, size, size, generator=generator)
+    text = torch.randint(1, min(eot_token_id, 1000), (num_texts, cfg.text.context_length), generator=generator)
+    for row in range(num_texts):
+        text[row, 3 + 4 * row] = eot_token_id
+        text[row, 4 + 4 * row :] = 0
+    return images, text
+
+
+def assert_same_outputs(ours, reference, images, text, rtol: float = 1e-4) -> None:
+    """encode_image, encode_text and logits equal to `rtol` relative error (max-norm)."""
+    with torch.no_grad():
+        pairs = {
+            "encode_image": (ours.encode_image(images), reference.encode_image(images)),
+            "encode_text": (ours.encode_text(text), reference.encode_text(text)),
+            "logits": (ours(images, text)[0], _reference_logits(reference, images, text)),
+        }
+    for what, (got, expected) in pairs.items():
+        error = (got - expected).abs().max() / expected.abs().max()
+        assert error < rtol, f"{what}: relative error {error:.2e}"
+
+
+def _reference_logits(reference, images, text):
+    out = reference(images, text)
+    if isinstance(out, dict):  # OpenCLIP with output_dict
+        return out["logit_scale"] * out["image_features"] @ out["text_features"].t()
+    image_features, text_features, logit_scale = out[:3]
+    return logit_scale * image_features @ text_features.t()

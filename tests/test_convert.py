@@ -1,0 +1,224 @@
+"""Checkpoint conversion: OpenCLIP and Hugging Face parity, architecture inference, positional embeddings."""
+
+import math
+
+import pytest
+import torch
+from references import assert_same_outputs, build_openclip, randomize_norms, sample_inputs
+
+import clip
+from clip.config import model_config_to_dict
+from clip.models import get_model_config, list_models
+from clip.models.clip import CLIP
+from clip.models.convert import (
+    find_registered_name,
+    infer_model_config,
+    read_checkpoint,
+    resize_positional_embedding,
+)
+from clip.models.weights import CheckpointFormatError, CheckpointMismatchError, export_model
+
+
+def _save_openclip(model, path, layout):
+    """Save an OpenCLIP model's weights the ways OpenCLIP users have them on disk."""
+    state_dict = model.state_dict()
+    if layout == "raw":
+        torch.save(state_dict, path)
+    elif layout == "training-checkpoint":  # OpenCLIP's train script: DDP prefixes, wrapped with optimizer state
+        wrapped = {"epoch": 3, "name": "run", "state_dict": {f"module.{k}": v for k, v in state_dict.items()}}
+        torch.save(wrapped, path)
+    else:
+        from safetensors.torch import save_file
+
+        save_file(state_dict, str(path))
+
+
+@pytest.mark.parametrize(
+    ("name", "layout", "suffix"),
+    [
+        ("tiny-vit", "raw", ".bin"),
+        ("tiny-resnet", "training-checkpoint", ".pt"),
+        ("tiny-timm", "safetensors", ".safetensors"),
+    ],
+)
+def test_openclip_checkpoint_gives_openclip_outputs(tmp_path, name, layout, suffix):
+    cfg = get_model_config(name)
+    reference = build_openclip(cfg).eval()
+    randomize_norms(reference)
+    path = tmp_path / f"openclip{suffix}"
+    _save_openclip(reference, path, layout)
+
+    model, preprocess_train, preprocess_val = clip.create_model_and_transforms(name, pretrained=path)
+    model.eval()
+    assert_same_outputs(model, reference, *sample_inputs(cfg))
+    assert preprocess_val.transforms[0].size == cfg.vision.image_size
+
+
+def test_openclip_quickgelu_activation_comes_from_the_name(tmp_path):
+    cfg = get_model_config("tiny-vit")
+    cfg.activation = "quick_gelu"
+    reference = build_openclip(cfg).eval()
+    path = tmp_path / "quickgelu.pt"
+    torch.save(reference.state_dict(), path)
+    images, text = sample_inputs(cfg)
+    model = clip.create_model("tiny-vit", pretrained=path, activation="quick_gelu").eval()
+    assert_same_outputs(model, reference, images, text)
+    # The same weights under the GELU name are a different function: the test can fail.
+    gelu_model = clip.create_model("tiny-vit", pretrained=path).eval()
+    with torch.no_grad():
+        assert not torch.allclose(gelu_model.encode_image(images), reference.encode_image(images), rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["ViT-B-32", "RN50"])
+def test_full_size_openclip_parity(tmp_path, name):
+    cfg = get_model_config(name)
+    reference = build_openclip(cfg).eval()
+    randomize_norms(reference)
+    torch.save(reference.state_dict(), tmp_path / "full.pt")
+    model = clip.create_model(name, pretrained=tmp_path / "full.pt").eval()
+    assert_same_outputs(model, reference, *sample_inputs(cfg, num_images=2, num_texts=2))
+
+
+# ------------------------------------------------------------------------------------- Hugging Face
+
+
+def _hf_clip(hidden_act, eos_token_id, vocab_size=1000):
+    from transformers import CLIPConfig, CLIPModel
+
+    text = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=24, hidden_act=hidden_act, eos_token_id=eos_token_id)
+    vision = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=8, hidden_act=hidden_act)  # fmt: skip
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
+    randomize_norms(model)
+    return model
+
+
+@pytest.mark.parametrize(
+    ("hidden_act", "eos_token_id"),
+    [("quick_gelu", 2), ("gelu", 500)],  # legacy configs pool at argmax(ids); newer ones at the first eos id
+)
+def test_hugging_face_directory_gives_hf_embeddings(tmp_path, hidden_act, eos_token_id):
+    hf = _hf_clip(hidden_act, eos_token_id)
+    hf.save_pretrained(tmp_path / "hf")
+    model, _ = clip.load(tmp_path / "hf", device="cpu")
+
+    eot = 999 if eos_token_id == 2 else eos_token_id
+    generator = torch.Generator().manual_seed(3)
+    images = torch.randn(3, 3, 32, 32, generator=generator)
+    text = torch.randint(1, 999, (4, 24), generator=generator)
+    for row in range(4):
+        text[row, 2 + 5 * row] = eot
+    if eos_token_id != 2:
+        text[:, -1] = 998  # ids above the eos id: pooling must not be argmax-based here
+    with torch.no_grad():
+        expected_image = hf.get_image_features(pixel_values=images).pooler_output
+        expected_text = hf.get_text_features(input_ids=text).pooler_output
+        expected_logits = hf(input_ids=text, pixel_values=images).logits_per_image
+        torch.testing.assert_close(model.encode_image(images), expected_image, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(model.encode_text(text), expected_text, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(model(images, text)[0], expected_logits, rtol=1e-4, atol=1e-5)
+    assert model.config.activation == hidden_act
+
+
+def test_hugging_face_unsupported_option_is_named(tmp_path):
+    hf = _hf_clip("gelu_new", 2)
+    hf.save_pretrained(tmp_path / "hf")
+    with pytest.raises(CheckpointFormatError, match="hidden_act.*gelu_new"):
+        clip.load(tmp_path / "hf", device="cpu")
+
+
+# ----------------------------------------------------------------------------- shape inference
+
+
+@pytest.mark.parametrize("name", [n for n in list_models() if "timm" not in n])
+def test_architecture_is_inferred_from_shapes(name):
+    # Meta tensors: full-size models cost no memory or time.
+    cfg = get_model_config(name)
+    with torch.device("meta"):
+        state_dict = CLIP(cfg).state_dict()
+    inferred = infer_model_config(state_dict, activation=cfg.activation)
+    assert model_config_to_dict(inferred) == model_config_to_dict(cfg)
+    assert find_registered_name(inferred) == name
+
+
+def test_unregistered_architecture_uses_openai_head_convention():
+    cfg = get_model_config("tiny-vit")
+    cfg.vision.width, cfg.vision.layers, cfg.vision.head_width = 128, 3, 64
+    with torch.device("meta"):
+        inferred = infer_model_config(CLIP(cfg).state_dict())
+    assert (inferred.vision.width, inferred.vision.layers, inferred.vision.heads) == (128, 3, 2)
+    assert find_registered_name(inferred) is None
+
+
+def test_timm_tower_needs_a_name(tmp_path):
+    torch.save(CLIP(get_model_config("tiny-timm")).state_dict(), tmp_path / "timm.pt")
+    with pytest.raises(CheckpointFormatError, match="timm.*pass the model name"):
+        clip.create_model(pretrained=tmp_path / "timm.pt")
+
+
+def test_wrong_name_for_checkpoint_names_keys_and_the_matching_model(tmp_path):
+    torch.save(CLIP(get_model_config("tiny-vit")).state_dict(), tmp_path / "vit.pt")
+    with pytest.raises(CheckpointMismatchError) as error:
+        clip.create_model("tiny-resnet", pretrained=tmp_path / "vit.pt")
+    message = str(error.value)
+    assert "missing" in message and "visual.bn1.weight" in message
+    assert "unexpected" in message and "visual.class_embedding" in message
+    assert "'tiny-vit'" in message
+
+
+def test_state_dict_wrappers_are_removed(tmp_path):
+    state_dict = CLIP(get_model_config("tiny-vit")).state_dict()
+    ddp = {f"module.{k}": v for k, v in state_dict.items()}  # a compiled DDP model: _orig_mod.module.<key>
+    torch.save({"state_dict": {f"_orig_mod.{k}": v for k, v in ddp.items()}}, tmp_path / "wrapped.pt")
+    loaded = read_checkpoint(tmp_path / "wrapped.pt").state_dict
+    assert loaded.keys() == state_dict.keys()
+
+
+# -------------------------------------------------------------------------- positional embeddings
+
+
+def test_resize_matches_openclip():
+    from open_clip.model import resize_pos_embed
+
+    embedding = torch.randn(1 + 7 * 7, 16)
+    reference = {"visual.positional_embedding": embedding.clone()}
+
+    class Visual(torch.nn.Module):
+        grid_size = (10, 10)
+
+    model = torch.nn.Module()
+    model.visual = Visual()
+    resize_pos_embed(reference, model)
+    assert torch.equal(resize_positional_embedding(embedding, 10), reference["visual.positional_embedding"])
+
+
+def test_resize_there_and_back_is_close():
+    # A smooth embedding (as trained ones are) survives 7x7 -> 10x10 -> 7x7 nearly unchanged; the class
+    # token is copied untouched.
+    grid = torch.linspace(0, 1, 7)
+    y, x = torch.meshgrid(grid, grid, indexing="ij")
+    features = torch.stack([torch.sin(math.pi * f * x + g * y) for f in (0.5, 1.0) for g in (0.3, 0.7)], dim=-1)
+    embedding = torch.cat([torch.randn(1, 4), features.reshape(49, 4)])
+    there = resize_positional_embedding(embedding, 10)
+    back = resize_positional_embedding(there, 7)
+    assert there.shape == (101, 4) and torch.equal(there[0], embedding[0])
+    torch.testing.assert_close(back, embedding, atol=0.05, rtol=0)  # 5% of the amplitude, at the borders
+
+
+@pytest.mark.parametrize(("name", "new_size"), [("tiny-vit", 48), ("tiny-resnet", 96)])
+def test_checkpoint_loads_at_another_image_size(tmp_path, name, new_size):
+    source = clip.create_model(name).eval()
+    export_model(source, tmp_path / "model.safetensors")
+    model, _, preprocess = clip.create_model_and_transforms(pretrained=tmp_path / "model.safetensors",
+                                                            image_size=new_size)  # fmt: skip
+    key = "visual.positional_embedding" if name == "tiny-vit" else "visual.attnpool.positional_embedding"
+    grid = model.config.vision.grid_size
+    assert model.state_dict()[key].shape[0] == 1 + grid * grid
+    torch.testing.assert_close(
+        model.state_dict()[key], resize_positional_embedding(source.state_dict()[key], grid)
+    )
+    assert model.eval().encode_image(torch.randn(2, 3, new_size, new_size)).shape == (2, model.config.embed_dim)
+    assert preprocess.transforms[0].size == new_size

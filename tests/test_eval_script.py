@@ -1,0 +1,85 @@
+"""scripts/zero_shot.py end to end: run directory -> export, every task, table and JSON output."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import open_clip
+import pytest
+
+import clip
+from clip.data.eval_datasets import load_classification_set
+from clip.transforms import image_transform_eval
+from clip.zero_shot import evaluate
+from tests.eval_fixtures import one_thread, tiny_model, write_caption_set, write_image_folder  # noqa: F401
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "zero_shot.py"
+
+
+@pytest.fixture
+def script():
+    spec = importlib.util.spec_from_file_location("zero_shot_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def loaded(monkeypatch):
+    """clip.load / clip.tokenize stand-ins (the real ones come from the api and tokenizer work):
+    a seeded tiny model and the OpenAI-compatible reference tokenizer."""
+    model = tiny_model()
+    calls = []
+
+    def load(name_or_path, device="cpu"):
+        calls.append(name_or_path)
+        return model, image_transform_eval(32)
+
+    def tokenize(texts, context_length=77, truncate=False):
+        return open_clip.tokenize(texts, context_length=context_length)
+
+    monkeypatch.setattr(clip, "load", load, raising=False)
+    monkeypatch.setattr(clip, "tokenize", tokenize, raising=False)
+    return model, calls
+
+
+def test_zero_shot_on_a_run_directory(tmp_path, script, loaded, capsys):
+    model, calls = loaded
+    (tmp_path / "runs" / "smoke" / "export").mkdir(parents=True)
+    write_image_folder(tmp_path / "heldout", num_classes=6, per_class=2, templates=["a {} photo."])
+    write_image_folder(tmp_path / "other", num_classes=5, per_class=1, seed=1)
+    output = tmp_path / "results.json"
+    results = script.main(["--model", str(tmp_path / "runs" / "smoke"), "--data", str(tmp_path / "heldout"),
+                           str(tmp_path / "other"), "--workers", "0", "--output", str(output)])
+
+    assert calls == [str(tmp_path / "runs" / "smoke" / "export")]
+    written = json.loads(output.read_text())
+    assert written["results"] == results and written["task"] == "zero-shot"
+    # The script's numbers are the library's (the trainer's eval hook) on the same set.
+    eval_set = load_classification_set(tmp_path / "heldout", image_transform_eval(32))
+    expected = evaluate(model, eval_set, open_clip.tokenize)
+    assert results["heldout"] == {key.removeprefix("eval/heldout_"): value for key, value in expected.items()}
+    assert results["other"]["num_samples"] == 5
+    table = capsys.readouterr().out
+    assert "set" in table and "heldout" in table and "mean_per_class_recall" in table
+
+
+def test_retrieval_and_linear_probe_tasks(tmp_path, script, loaded):
+    captions = write_caption_set(tmp_path / "coco", num_images=6)
+    results = script.main(["--task", "retrieval", "--model", "tiny-vit", "--data", str(captions), "--name", "coco",
+                           "--workers", "0", "--output", str(tmp_path / "r.json")])
+    assert results["coco"]["num_images"] == 6 and "text_retrieval_recall@10" in results["coco"]
+
+    write_image_folder(tmp_path / "train", num_classes=3, per_class=4)
+    write_image_folder(tmp_path / "test", num_classes=3, per_class=2, seed=1)
+    results = script.main(["--task", "linear-probe", "--model", "tiny-vit", "--data", str(tmp_path / "test"),
+                           "--train-data", str(tmp_path / "train"), "--workers", "0",
+                           "--output", str(tmp_path / "l.json")])
+    assert results["test"]["linear_probe_num_samples"] == 6 and "linear_probe_weight_decay" in results["test"]
+
+
+def test_name_needs_a_single_data_argument(script):
+    with pytest.raises(SystemExit):
+        script.parse_args(["--model", "m", "--data", "a", "b", "--name", "x"])
