@@ -70,8 +70,8 @@ _FTFY_CONFIG = ftfy.TextFixerConfig(explain=False)  # fix_text's default, built 
 # caption cannot inject an end-of-text token (OpenCLIP, whose specials are spelled differently,
 # does not match them either).
 _OPENAI_WORDS = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", regex.IGNORECASE)
-# The same pattern for cleaned ASCII text (lowercase, single spaces), where the classes are plain
-# ranges and the standard library's engine is twice as fast.
+# The same pattern for ASCII pieces of cleaned, lowercased text (no whitespace, no controls), where
+# the classes are plain ranges and the standard library's engine is twice as fast.
 _OPENAI_WORDS_ASCII = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[a-z]+|[0-9]|[^ a-z0-9]+")
 # Pieces of text whose ids each process keeps (about 140 bytes each, 36 MiB in all); the cache is
 # emptied when full, which costs little next to the misses of rare words that fill it.
@@ -183,9 +183,9 @@ class Tokenizer:
 class _OpenAITokenizer(Tokenizer):
     """OpenAI's BPE behind a per-process cache from pieces of cleaned text to their ids.
 
-    The pieces are the space-separated chunks of the text ("cat,") and their words ("cat", ","):
-    OpenAI's pattern never matches a space, so chunks tokenize independently, and a word is a
-    chunk of one word. A missing word is BPE-encoded by `tokenizers`. A cache hit costs one dict
+    The pieces are the whitespace-separated chunks of the text ("cat,") and their words ("cat",
+    ","): OpenAI's pattern never matches whitespace, so chunks tokenize independently, and a word is
+    a chunk of one word. A missing word is BPE-encoded by `tokenizers`. A cache hit costs one dict
     lookup in C, where `tokenizers`' own pipeline spends about 2 us per word.
     """
 
