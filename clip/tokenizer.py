@@ -61,7 +61,8 @@ _FTFY_CHARS = (
     "\x00-\x08\x0b-\x1f\x7f-\u024f\u02b0-\u02ff\u0370-\u052f\u2000-\u20cf\u2100-\u23ff"
     "\u2500-\u25ff\u3000\ud800-\udfff\ue000-\uf8ff\ufb00-\ufb4f\ufeff\uff00-\uffff"
 )
-_MAY_NEED_FTFY = re.compile(f"[{_FTFY_CHARS}]|&(?![\t\n ]|\\Z)")
+_FTFY_CHAR = re.compile(f"[{_FTFY_CHARS}]")
+_HTML_ENTITY_START = re.compile(r"&(?![\t\n ]|\Z)")
 _FTFY_CONFIG = ftfy.TextFixerConfig(explain=False)  # fix_text's default, built once
 
 # OpenAI's pre-tokenizer pattern, run by the `regex` module like OpenAI's code, so that the Unicode
@@ -85,9 +86,16 @@ def clean_text(text: str) -> str:
 
 def _fix_text(text: str) -> str:
     """The part of the cleaning before whitespace is collapsed: ftfy, then HTML unescaping twice."""
-    if _MAY_NEED_FTFY.search(text) or not unicodedata.is_normalized("NFC", text):
+    if not _unchanged_by_ftfy(text):
         text = html.unescape(html.unescape(ftfy.fix_text(text, _FTFY_CONFIG)))
     return text
+
+
+def _unchanged_by_ftfy(text: str) -> bool:
+    """True when ftfy.fix_text and html.unescape provably return `text` as it is (see _FTFY_CHARS)."""
+    if _FTFY_CHAR.search(text) or ("&" in text and _HTML_ENTITY_START.search(text)):
+        return False
+    return text.isascii() or unicodedata.is_normalized("NFC", text)
 
 
 class Tokenizer:
@@ -139,19 +147,24 @@ class Tokenizer:
         max_text_tokens = length - len(self._prefix) - 1
         if max_text_tokens < 0:
             raise ValueError(f"context_length={length} leaves no room for the start and end tokens")
-        start, end, padding = self._start_int32, self._end_int32, bytes(4 * max_text_tokens)
-        parts = []
+        rows = bytearray(4 * length * len(texts))  # [N, L] int32 zeros, filled row by row below
+        start, end = self._start_int32, self._end_int32
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise TypeError(f"text {i} of the batch is a {type(text).__name__}, not a str")
             ids = self._encode_int32(text)
-            num_ids = len(ids) // 4
-            if num_ids > max_text_tokens:
+            if len(ids) > 4 * max_text_tokens:
                 if not truncate:
-                    raise RuntimeError(_too_long_message(text, i, len(self._prefix) + num_ids + 1, length))
-                ids, num_ids = ids[: 4 * max_text_tokens], max_text_tokens
-            parts += (start, ids, end, padding[4 * num_ids :])
-        rows = np.frombuffer(b"".join(parts), dtype=np.int32).reshape(len(texts), length)  # [N, L]
+                    num_tokens = len(self._prefix) + len(ids) // 4 + 1
+                    raise RuntimeError(_too_long_message(text, i, num_tokens, length))
+                ids = ids[: 4 * max_text_tokens]
+            at = 4 * length * i
+            rows[at : at + len(start)] = start
+            at += len(start)
+            rows[at : at + len(ids)] = ids
+            at += len(ids)
+            rows[at : at + 4] = end
+        rows = np.frombuffer(rows, dtype=np.int32).reshape(len(texts), length)
         return torch.from_numpy(rows.astype(np.int64))
 
     def decode(self, ids: Union[Sequence[int], torch.Tensor]) -> str:
