@@ -154,3 +154,50 @@ def _dataclass_from_dict(cls: type, data: dict, prefix: str, **extra):
     if unknown:
         raise ValueError(f"unknown config keys: {', '.join(f'{prefix}.{key}' for key in unknown)}")
     return cls(**data, **extra)
+
+
+@dataclass
+class DataConfig:
+    """Training data: WebDataset tar shards (img2dataset layout) and/or CSV/TSV files of (image, caption).
+
+    See docs/data.md. Keys are `data.<field>` in the training config.
+    """
+
+    # Sources separated by '::' (mixed with `train_weights`). Each source is a brace pattern of shard
+    # paths (`/data/laion/{00000..41407}.tar`), a `.txt` file listing shard paths or patterns (one per
+    # line), or a `.csv`/`.tsv` file of (image path, caption) rows. `pipe:<shell command>` shards run a
+    # shell command per shard and need `allow_pipe_urls`.
+    train_shards: str = "???"
+    # One upsampling factor per '::' source: a shard is drawn with probability proportional to its
+    # source's weight (resampled mode only). Empty: every source weighs 1.
+    train_weights: list[float] = field(default_factory=list)
+    # JSON file of per-shard sample counts in OpenCLIP's sizes.json format ({"00000.tar": 10000, ...}).
+    # Default: the `sizes.json` beside each shard. Epoch mode needs the counts (they fix the steps per
+    # epoch); both modes use them to detect truncated shards.
+    train_manifest: Optional[str] = None
+    # True: an endless stream drawing shards with replacement (OpenCLIP's choice for web-scale data).
+    # False: epochs that read every shard exactly once, split over ranks and workers.
+    resampled: bool = False
+    # DataLoader worker processes per rank; each reads its own shards. 0 reads in the training process.
+    num_workers: int = 4
+    # Batches each worker prepares ahead.
+    prefetch_factor: int = 2
+    # Samples each worker holds for shuffling (memory: this many encoded samples per worker).
+    shuffle_buffer: int = 2000
+    # Shards each worker reads at once, interleaving their samples at random. It is also the most a
+    # worker re-reads after a resume.
+    interleave_shards: int = 4
+    # CSV/TSV column names of the image path (relative paths are relative to the file) and the caption.
+    csv_image_key: str = "filepath"
+    csv_caption_key: str = "title"
+    # Stop with an error naming the worst shards when more than this fraction of samples is skipped
+    # (corrupt or oversized image, missing caption).
+    max_skip_fraction: float = 0.05
+    # Stop when more shards than this cannot be opened on one rank (missing file, failed command).
+    max_unreadable_shards: int = 4
+    # Skip tar members larger than this without reading them (a lying header is a memory bomb).
+    max_member_bytes: int = 64 * 1024 * 1024
+    # `pipe:` shard URLs run shell commands: allowed only when set here, never from a shard list file.
+    allow_pipe_urls: bool = False
+    # Attempts for a `pipe:` command that fails before producing any data (backoff 1 s, 2 s, 4 s, ...).
+    open_retries: int = 3

@@ -1,1 +1,36 @@
-"""Data: the training pipeline and the evaluation datasets."""
+"""Data: the training pipeline and the evaluation datasets.
+
+    from clip.data import build_train_loader, check_train_data
+
+Training: WebDataset shards and CSV files -> batches with exact, resumable positions (docs/data.md).
+Eval datasets live in `clip.data.eval_datasets`; the synthetic shard writer in `clip.data.synthetic`.
+"""
+
+from clip.data.loader import TrainLoader, build_train_loader
+from clip.data.plan import check_reader_count
+from clip.data.sources import DataConfigError, DataError, resolve_sources
+from clip.data.stream import Batch
+from clip.config import DataConfig
+
+
+def check_train_data(data_cfg: DataConfig, *, world_size: int) -> None:
+    """Startup checks to run before any process-group work (G7, G9, S3).
+
+    Raises DataConfigError naming the `data.<key>` to fix: unset or malformed `data.train_shards`, a
+    missing local shard, list or CSV file, a `pipe:` URL without `data.allow_pipe_urls`, epoch mode
+    without sample counts, or fewer shards than `world_size x num_workers` readers in epoch mode.
+    """
+    sources = resolve_sources(data_cfg, read_csv=False)
+    num_shards = sum(len(source.shards) for source in sources)
+    if not data_cfg.resampled and all(source.csv_rows is None for source in sources):
+        check_reader_count(num_shards, world_size, data_cfg.num_workers)
+
+
+__all__ = [
+    "Batch",
+    "DataConfigError",
+    "DataError",
+    "TrainLoader",
+    "build_train_loader",
+    "check_train_data",
+]

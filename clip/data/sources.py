@@ -1,0 +1,239 @@
+"""Resolving `data.train_shards` into shards: expansion, safety rules, startup checks, sample counts.
+
+Everything here runs in the training process before any worker starts, and every problem it finds is
+a `DataConfigError` naming the `data.<key>` to fix (G9, G15, S3).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+from clip.config import DataConfig
+
+TAR_SUFFIXES = (".tar",)
+LIST_SUFFIXES = (".txt",)
+CSV_DELIMITERS = {".csv": ",", ".tsv": "\t"}
+PIPE_PREFIX = "pipe:"
+FILE_PREFIX = "file://"
+MANIFEST_NAME = "sizes.json"  # OpenCLIP's name and format: {"00000.tar": 10000, ...}
+
+
+class DataConfigError(ValueError):
+    """The data config cannot work (missing shard, forbidden URL, impossible split): fix `data.<key>`."""
+
+
+class DataError(RuntimeError):
+    """Training data failed at run time beyond the configured tolerance (unreadable shards, skip rate)."""
+
+
+@dataclass(frozen=True, eq=False)
+class Shard:
+    """One unit of reading: a tar shard, or a chunk of CSV rows.
+
+    `url` is a local path, a `pipe:` command, or for CSV chunks `<file>[<chunk>/<num_chunks>]`.
+    `num_samples` comes from the manifest (or the CSV itself); None when unknown.
+    """
+
+    url: str
+    source: int
+    num_samples: Optional[int] = None
+    rows: Optional[tuple[tuple[int, str, str], ...]] = None  # CSV chunk: (row index, image path, caption)
+
+
+@dataclass
+class Source:
+    """One '::'-separated part of `data.train_shards`."""
+
+    index: int
+    spec: str
+    weight: float
+    shards: list[Shard] = field(default_factory=list)  # tar sources
+    csv_rows: Optional[list[tuple[str, str]]] = None  # CSV sources: (image path, caption) rows
+
+
+def is_pipe(url: str) -> bool:
+    return url.startswith(PIPE_PREFIX)
+
+
+def local_path(url: str) -> str:
+    return url[len(FILE_PREFIX) :] if url.startswith(FILE_PREFIX) else url
+
+
+def _expand(pattern: str) -> list[str]:
+    from webdataset.shardlists import expand_urls  # brace expansion ({000..099}), no I/O
+
+    return list(expand_urls(pattern))
+
+
+def _check_url(url: str, origin: str, cfg: DataConfig) -> None:
+    """S3: `pipe:` runs a shell command, so it needs an explicit opt-in and may come only from the config."""
+    if is_pipe(url):
+        if origin != "data.train_shards":
+            raise DataConfigError(
+                f"{origin}: shard list files may not contain pipe: commands ({url[:80]!r}); pipe: URLs run "
+                "shell commands and are accepted only in data.train_shards itself, with data.allow_pipe_urls=true"
+            )
+        if not cfg.allow_pipe_urls:
+            raise DataConfigError(
+                f"data.train_shards: {url[:80]!r} is a pipe: URL, which runs a shell command; set "
+                "data.allow_pipe_urls=true if you trust this config"
+            )
+        return
+    scheme = url.split("://", 1)[0] if "://" in url else ""
+    if scheme and scheme != "file":
+        raise DataConfigError(
+            f"{origin}: {url!r} uses the unsupported scheme {scheme}://; use a local path or a pipe: command "
+            f"(e.g. 'pipe:aws s3 cp {url} -' with data.allow_pipe_urls=true)"
+        )
+
+
+def _tar_urls(spec: str, cfg: DataConfig) -> list[tuple[str, str]]:
+    """(url, origin) pairs of one source: brace patterns, and `.txt` list files expanded in place."""
+    result = []
+    for pattern in _expand(spec):
+        path = local_path(pattern)
+        if not is_pipe(pattern) and path.endswith(LIST_SUFFIXES):
+            if not os.path.isfile(path):
+                raise DataConfigError(f"data.train_shards: shard list file {path} does not exist")
+            base = os.path.dirname(os.path.abspath(path))
+            with open(path, encoding="utf-8") as f:
+                lines = [line.strip() for line in f]
+            for line in lines:
+                if not line or line.startswith("#"):
+                    continue
+                for url in _expand(line):
+                    _check_url(url, f"data.train_shards ({path})", cfg)
+                    if "://" not in url and not os.path.isabs(url):
+                        url = os.path.join(base, url)
+                    result.append((url, path))
+        else:
+            _check_url(pattern, "data.train_shards", cfg)
+            result.append((pattern, "data.train_shards"))
+    return result
+
+
+def _load_manifest(path: str, key: str) -> dict[str, int]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            counts = json.load(f)
+    except (OSError, ValueError) as e:
+        raise DataConfigError(f"{key}: cannot read the shard manifest {path}: {e}") from e
+    if not isinstance(counts, dict) or not all(isinstance(v, int) and v >= 0 for v in counts.values()):
+        raise DataConfigError(f"{key}: {path} must map shard names to sample counts, like OpenCLIP's sizes.json")
+    return counts
+
+
+def _sample_counts(urls: list[str], cfg: DataConfig) -> list[Optional[int]]:
+    """Per-shard counts from `data.train_manifest` (by full URL, then basename) or a sizes.json beside each shard."""
+    explicit = _load_manifest(cfg.train_manifest, "data.train_manifest") if cfg.train_manifest else None
+    beside: dict[str, Optional[dict[str, int]]] = {}
+    counts = []
+    for url in urls:
+        name = os.path.basename(local_path(url).rstrip("/"))
+        if explicit is not None:
+            counts.append(explicit.get(url, explicit.get(name)))
+            continue
+        if is_pipe(url):
+            counts.append(None)
+            continue
+        directory = os.path.dirname(os.path.abspath(local_path(url)))
+        if directory not in beside:
+            manifest = os.path.join(directory, MANIFEST_NAME)
+            beside[directory] = _load_manifest(manifest, "data.train_manifest") if os.path.isfile(manifest) else None
+        found = beside[directory]
+        counts.append(found.get(name) if found is not None else None)
+    return counts
+
+
+def _read_csv(path: str, cfg: DataConfig, *, header_only: bool) -> list[tuple[str, str]]:
+    """(image path, caption) rows; relative image paths are relative to the CSV file."""
+    delimiter = CSV_DELIMITERS[os.path.splitext(path)[1].lower()]
+    base = os.path.dirname(os.path.abspath(path))
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        columns = reader.fieldnames or []
+        for key, column in (("data.csv_image_key", cfg.csv_image_key), ("data.csv_caption_key", cfg.csv_caption_key)):
+            if column not in columns:
+                raise DataConfigError(f"{key}={column!r} is not a column of {path} (columns: {columns})")
+        if header_only:
+            return []
+        return [(os.path.join(base, row[cfg.csv_image_key] or ""), row[cfg.csv_caption_key] or "") for row in reader]
+
+
+def _check_fields(cfg: DataConfig) -> None:
+    problems = [
+        f"data.{name}={getattr(cfg, name)} must be {rule}"
+        for name, ok, rule in (
+            ("num_workers", cfg.num_workers >= 0, ">= 0"),
+            ("prefetch_factor", cfg.prefetch_factor >= 1, ">= 1"),
+            ("shuffle_buffer", cfg.shuffle_buffer >= 1, ">= 1"),
+            ("interleave_shards", cfg.interleave_shards >= 1, ">= 1"),
+            ("max_skip_fraction", 0.0 <= cfg.max_skip_fraction <= 1.0, "in [0, 1]"),
+            ("max_unreadable_shards", cfg.max_unreadable_shards >= 0, ">= 0"),
+            ("max_member_bytes", cfg.max_member_bytes >= 1, ">= 1"),
+            ("open_retries", cfg.open_retries >= 1, ">= 1"),
+        )
+        if not ok
+    ]
+    if problems:
+        raise DataConfigError("; ".join(problems))
+
+
+def resolve_sources(cfg: DataConfig, *, read_csv: bool = True) -> list[Source]:
+    """Expand `data.train_shards` into sources and check everything that can be checked before training.
+
+    Raises DataConfigError for: an unset spec, bad weights, forbidden or unsupported URLs, missing local
+    files, missing sample counts in epoch mode. `read_csv=False` checks CSV headers without reading rows.
+    """
+    _check_fields(cfg)
+    spec = (cfg.train_shards or "").strip()
+    if not spec or spec == "???":
+        raise DataConfigError("data.train_shards is not set: give shard paths like /data/{00000..00099}.tar")
+    parts = [part.strip() for part in spec.split("::")]
+    if not all(parts):
+        raise DataConfigError(f"data.train_shards={spec!r} has an empty source between '::'")
+    weights = list(cfg.train_weights) or [1.0] * len(parts)
+    if len(weights) != len(parts):
+        raise DataConfigError(
+            f"data.train_weights has {len(weights)} entries but data.train_shards has {len(parts)} '::'-separated sources"
+        )
+    if any(not (w > 0) for w in weights):
+        raise DataConfigError(f"data.train_weights={weights} must all be positive")
+    if not cfg.resampled and any(w != 1.0 for w in weights):
+        raise DataConfigError(
+            "data.train_weights only applies with data.resampled=true (epoch mode reads every shard exactly once)"
+        )
+
+    sources = []
+    for index, (part, weight) in enumerate(zip(parts, weights)):
+        source = Source(index=index, spec=part, weight=float(weight))
+        csv_path = local_path(part)
+        if not is_pipe(part) and os.path.splitext(csv_path)[1].lower() in CSV_DELIMITERS:
+            if not os.path.isfile(csv_path):
+                raise DataConfigError(f"data.train_shards: CSV file {csv_path} does not exist")
+            source.csv_rows = _read_csv(csv_path, cfg, header_only=not read_csv)
+            sources.append(source)
+            continue
+        urls_with_origin = _tar_urls(part, cfg)
+        if not urls_with_origin:
+            raise DataConfigError(f"data.train_shards: source {part!r} expands to no shards")
+        missing = [u for u, _ in urls_with_origin if not is_pipe(u) and not os.path.isfile(local_path(u))]
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise DataConfigError(f"data.train_shards: {len(missing)} shard(s) do not exist: {shown}")
+        urls = [u for u, _ in urls_with_origin]
+        counts = _sample_counts(urls, cfg)
+        if not cfg.resampled and any(c is None for c in counts):
+            unknown = [u for u, c in zip(urls, counts) if c is None]
+            raise DataConfigError(
+                f"data.train_shards: epoch mode needs per-shard sample counts, and {len(unknown)} shard(s) have none "
+                f"(first: {unknown[0]}); put a {MANIFEST_NAME} beside the shards (python -m clip.data.manifest "
+                "SHARDS...), set data.train_manifest, or use data.resampled=true"
+            )
+        source.shards = [Shard(url=u, source=index, num_samples=c) for u, c in zip(urls, counts)]
+        sources.append(source)
+    return sources

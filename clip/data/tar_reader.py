@@ -1,0 +1,238 @@
+"""A small streaming tar reader that notices truncation and never trusts member names, types or sizes.
+
+Why not `tarfile` or webdataset's reader: a streaming tar that is cut at a header boundary simply ends,
+without an error, in both (RELIABILITY G8: 519 of 1,368 cut points were silent), and webdataset reads
+every member fully into memory whatever its header claims. This reader requires the end-of-archive
+block, reports a cut as a `truncated_shard` event, skips oversized members without reading them,
+drops links and devices, and hands out member bytes only, never paths (S5). It parses ustar, GNU
+long names and pax `path`/`size` records, which covers tars written by Python's tarfile, GNU tar and
+webdataset's TarWriter.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from typing import BinaryIO, Iterator, Optional, Union
+
+from clip.data.records import (
+    CAPTION_EXTENSION,
+    IMAGE_EXTENSIONS,
+    KNOWN_UNUSED_EXTENSIONS,
+    Item,
+    Record,
+    SkipEvent,
+)
+
+BLOCK = 512
+_REGULAR = (b"0", b"\0", b"7")
+_DIRECTORY = b"5"
+_PAX = b"x"
+_PAX_GLOBAL = b"g"
+_GNU_LONGNAME = b"L"
+_GNU_LONGLINK = b"K"
+_META_MAX_BYTES = 1 << 20  # pax and long-name records are tiny; larger ones are corrupt or hostile
+_SKIP_CHUNK = 1 << 20
+
+
+class _Truncated(Exception):
+    """The archive ended (or broke) before its end-of-archive block."""
+
+
+def _octal(field: bytes) -> int:
+    if field[:1] and field[0] & 0x80:  # GNU base-256 for sizes >= 8 GiB
+        return int.from_bytes(field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip()
+    return int(text, 8) if text else 0
+
+
+def _checksum_ok(header: bytes) -> bool:
+    try:
+        stored = _octal(header[148:156])
+    except ValueError:
+        return False
+    unsigned = sum(header[:148]) + 8 * 32 + sum(header[156:])
+    return stored == unsigned
+
+
+def _parse_pax(data: bytes) -> dict[str, str]:
+    """pax extended header records: '<length> <key>=<value>\\n'."""
+    fields = {}
+    pos = 0
+    while pos < len(data):
+        space = data.find(b" ", pos)
+        if space < 0:
+            break
+        length = int(data[pos:space])
+        if length <= 0:
+            break
+        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
+        fields[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
+        pos += length
+    return fields
+
+
+class _TarStream:
+    """Reads blocks from a file object, tracking the offset; seeks over data when the file allows it."""
+
+    def __init__(self, fileobj: BinaryIO, size: Optional[int]):
+        self.f = fileobj
+        self.size = size  # known for local files: lets skips seek instead of read
+        self.offset = 0
+
+    def read(self, n: int) -> bytes:
+        data = self.f.read(n)
+        self.offset += len(data)
+        if len(data) < n:
+            raise _Truncated(f"ends at byte {self.offset}, inside a member")
+        return data
+
+    def skip(self, n: int) -> None:
+        if self.size is not None:
+            if self.offset + n > self.size:
+                raise _Truncated(f"ends at byte {self.size}, inside a member")
+            self.f.seek(n, 1)
+            self.offset += n
+            return
+        while n:
+            got = len(self.f.read(min(n, _SKIP_CHUNK)))
+            if not got:
+                raise _Truncated(f"ends at byte {self.offset}, inside a member")
+            self.offset += got
+            n -= got
+
+    def read_padded(self, size: int) -> bytes:
+        data = self.read(size)
+        self.skip(-size % BLOCK)
+        return data
+
+    def skip_padded(self, size: int) -> None:
+        self.skip(size + (-size % BLOCK))
+
+
+def iter_members(
+    fileobj: BinaryIO, url: str, *, max_member_bytes: int, size: Optional[int] = None
+) -> Iterator[Union[tuple[str, Optional[bytes]], SkipEvent]]:
+    """Yield (name, data) for regular members, or SkipEvents; data is None for members over the size cap.
+
+    A cut or corrupt archive ends the iteration with a `truncated_shard` event.
+    """
+    stream = _TarStream(fileobj, size)
+    long_name: Optional[str] = None
+    pax: dict[str, str] = {}
+    try:
+        while True:
+            header = fileobj.read(BLOCK)
+            stream.offset += len(header)
+            if len(header) < BLOCK:
+                raise _Truncated(f"ends at byte {stream.offset} without the end-of-archive block")
+            if header == bytes(BLOCK):
+                return
+            if not _checksum_ok(header):
+                raise _Truncated(f"has a corrupt header at byte {stream.offset - BLOCK}")
+            kind = header[156:157]
+            member_size = int(pax["size"]) if "size" in pax else _octal(header[124:136])
+            if kind in (_PAX, _PAX_GLOBAL, _GNU_LONGNAME, _GNU_LONGLINK):
+                if member_size > _META_MAX_BYTES:
+                    raise _Truncated(f"has an implausible {member_size}-byte metadata record")
+                data = stream.read_padded(member_size)
+                if kind == _PAX:
+                    pax = _parse_pax(data)
+                elif kind == _GNU_LONGNAME:
+                    long_name = data.split(b"\0", 1)[0].decode("utf-8", "replace")
+                continue
+            name = header[0:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+            if header[257:263] == b"ustar\0" and header[345]:  # POSIX ustar prefix field
+                name = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") + "/" + name
+            name = pax.get("path", long_name or name)
+            long_name, pax = None, {}
+            if kind not in _REGULAR:
+                stream.skip_padded(member_size)
+                if kind != _DIRECTORY:
+                    yield SkipEvent("unsafe_member", url, name, f"tar member type {kind!r} (link or device) skipped")
+                continue
+            if name.startswith("/") or ".." in name.split("/"):
+                stream.skip_padded(member_size)
+                yield SkipEvent("unsafe_member", url, name, "absolute or parent-relative member name skipped")
+                continue
+            if member_size > max_member_bytes:
+                stream.skip_padded(member_size)
+                yield name, None
+                continue
+            yield name, stream.read(member_size)
+            stream.skip(-member_size % BLOCK)  # a cut in the padding still loses no data; it is reported after
+    except _Truncated as e:
+        yield SkipEvent("truncated_shard", url, "", f"{url} {e}")
+    except ValueError as e:  # unparsable size or pax field
+        yield SkipEvent("truncated_shard", url, "", f"{url} has a corrupt header near byte {stream.offset}: {e}")
+
+
+def split_key(name: str) -> tuple[str, str]:
+    """webdataset's sample grouping rule: 'dir/000123.seg.png' -> ('dir/000123', 'seg.png')."""
+    directory, base = posixpath.split(name)
+    stem, dot, ext = base.partition(".")
+    return posixpath.join(directory, stem) if directory else stem, ext.lower() if dot else ""
+
+
+def iter_tar_samples(
+    fileobj: BinaryIO,
+    url: str,
+    *,
+    max_member_bytes: int,
+    size: Optional[int] = None,
+    expected_samples: Optional[int] = None,
+) -> Iterator[Item]:
+    """Group consecutive members with the same key into Records; everything else becomes a SkipEvent.
+
+    A sample needs an image (jpg/jpeg/png/webp) and a `.txt` caption. When the shard is truncated the
+    incomplete last sample is dropped silently (the truncation event accounts for it). With
+    `expected_samples` (from the manifest), a different number of samples is a `truncated_shard` too.
+    """
+    key: Optional[str] = None
+    fields: dict[str, Optional[bytes]] = {}
+    num_samples = 0
+    truncated = False
+
+    def finish() -> Iterator[Item]:
+        if key is None:
+            return
+        image_ext = next((e for e in IMAGE_EXTENSIONS if e in fields), None)
+        oversized = [ext for ext, data in fields.items() if data is None]
+        if oversized:
+            yield SkipEvent("too_large", url, key, f"{oversized[0]} member over data.max_member_bytes={max_member_bytes}")
+        elif image_ext is not None and CAPTION_EXTENSION in fields:
+            caption = fields[CAPTION_EXTENSION].decode("utf-8", "replace").strip()
+            if caption:
+                yield Record(url, key, fields[image_ext], None, caption)
+            elif not truncated:
+                yield SkipEvent("missing_field", url, key, "empty caption")
+        elif not truncated:
+            missing = "image" if image_ext is None else "caption"
+            yield SkipEvent("missing_field", url, key, f"no {missing} member")
+
+    for item in iter_members(fileobj, url, max_member_bytes=max_member_bytes, size=size):
+        if isinstance(item, SkipEvent):
+            truncated = truncated or item.reason == "truncated_shard"
+            if truncated:
+                break
+            yield item
+            continue
+        name, data = item
+        member_key, ext = split_key(name)
+        if ext not in IMAGE_EXTENSIONS and ext != CAPTION_EXTENSION:
+            # Never decoded, whatever it claims to be (S4: webdataset would unpickle .pyd/.pth members).
+            if ext not in KNOWN_UNUSED_EXTENSIONS:
+                yield SkipEvent("ignored_member", url, member_key, f"member {name!r} is not an image or caption")
+            continue
+        if member_key != key or ext in fields:
+            yield from finish()
+            num_samples += key is not None
+            key, fields = member_key, {}
+        fields[ext] = data
+    yield from finish()
+    num_samples += key is not None
+    if truncated:
+        yield item
+    elif expected_samples is not None and num_samples != expected_samples:
+        yield SkipEvent(
+            "truncated_shard", url, "", f"{url} holds {num_samples} samples but its manifest says {expected_samples}"
+        )

@@ -1,0 +1,61 @@
+"""The synthetic dataset: deterministic, readable by the loader, and its captions describe its images."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import os
+import random
+
+import pytest
+from PIL import Image
+
+from clip.data import build_train_loader
+from clip.data.manifest import main as manifest_main
+from clip.data.synthetic import COLORS, render_scene, write_synthetic_dataset
+from data_shards import data_config, loader_kwargs, truncate
+
+
+def test_layout_determinism_and_loader_round_trip(tmp_path):
+    a = write_synthetic_dataset(str(tmp_path / "a"), num_train=250, samples_per_shard=100, images_per_class=2, seed=7)
+    b = write_synthetic_dataset(str(tmp_path / "b"), num_train=250, samples_per_shard=100, images_per_class=2, seed=7)
+    c = write_synthetic_dataset(str(tmp_path / "c"), num_train=250, samples_per_shard=100, images_per_class=2, seed=8)
+    train = tmp_path / "a" / "train"
+    assert sorted(os.listdir(train)) == ["000000.tar", "000001.tar", "000002.tar", "sizes.json"]
+    assert json.loads((train / "sizes.json").read_text()) == {"000000.tar": 100, "000001.tar": 100, "000002.tar": 50}
+    for name in ("000000.tar", "000002.tar"):
+        assert filecmp.cmp(train / name, tmp_path / "b" / "train" / name, shallow=False)
+        assert not filecmp.cmp(train / name, tmp_path / "c" / "train" / name, shallow=False)
+
+    zeroshot = tmp_path / "a" / "zeroshot"
+    folders = sorted(p.name for p in zeroshot.iterdir() if p.is_dir())
+    classnames = (zeroshot / "classnames.txt").read_text().splitlines()
+    assert len(folders) == len(classnames) == a.num_classes >= 8
+    assert [f.split("_", 1)[1].replace("_", " ") for f in folders] == classnames  # sorted order = class index
+    assert all("{}" in t for t in (zeroshot / "templates.txt").read_text().splitlines())
+    assert all(len(os.listdir(zeroshot / f)) == 2 for f in folders)
+
+    loader = build_train_loader(data_config(a.train_shards), **loader_kwargs(batch_size=10))
+    keys = [k for batch in loader for k in batch.keys]
+    assert sorted(keys) == [f"{i:09d}" for i in range(250)]
+    assert c.train_shards != a.train_shards
+
+
+def test_captions_name_the_colour_and_shape_drawn():
+    for index in range(200):
+        image, caption, meta = render_scene(random.Random(f"0/train/{index}"), 64)
+        for obj in meta["objects"]:
+            assert obj["color"] in caption and obj["shape"] in caption
+            assert COLORS[obj["color"]] in {color for _, color in image.getcolors(64 * 64)}
+        assert isinstance(image, Image.Image)
+
+
+def test_manifest_cli_counts_and_refuses_truncated_shards(tmp_path, capsys):
+    dataset = write_synthetic_dataset(str(tmp_path), num_train=30, samples_per_shard=10, images_per_class=1)
+    sizes = tmp_path / "train" / "sizes.json"
+    sizes.unlink()
+    manifest_main([dataset.train_shards])
+    assert json.loads(sizes.read_text()) == {"000000.tar": 10, "000001.tar": 10, "000002.tar": 10}
+    truncate(str(tmp_path / "train" / "000001.tar"), 5000)
+    with pytest.raises(SystemExit, match=r"not writing a manifest: .*000001\.tar ends at byte"):
+        manifest_main([dataset.train_shards])
