@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 from clip.api import available_models, create_model, create_model_and_transforms, load
 from clip.models import CLIP, list_models
 from clip.models.weights import CheckpointFormatError, CheckpointMismatchError, UnsafeCheckpointError, export_model
+from clip.tokenizer import get_tokenizer, tokenize
 
 __all__ = [
     "CLIP",
@@ -21,7 +22,9 @@ __all__ = [
     "create_model",
     "create_model_and_transforms",
     "export_model",
+    "get_tokenizer",
     "list_models",
     "load",
+    "tokenize",
     "__version__",
 ]

@@ -203,11 +203,42 @@ class DataConfig:
     open_retries: int = 3
 
 
-# PLACEHOLDER until the loss branch lands (its LossConfig replaces this).
+LOSS_NAMES = ("clip", "siglip")
+
+
 @dataclass
 class LossConfig:
+    """Contrastive objective, computed over the global batch (local batch x world size x micro-batches).
+
+    Exact across ranks and micro-batches; see docs/objective.md.
+    """
+
+    # "clip": symmetric softmax InfoNCE (arXiv:2103.00020). "siglip": pairwise sigmoid loss
+    # (arXiv:2303.15343), which needs a learned bias: model.init_logit_bias=-10 and
+    # model.init_logit_scale=ln(10) as in the paper.
     name: str = "clip"
+    # Global columns of the [local, global] logits processed at a time, forward and backward, so
+    # loss memory grows with local x chunk_size instead of local x global. 0: all columns at once.
     chunk_size: int = 0
+
+
+def validate_loss_config(cfg: LossConfig, model: ModelConfig, prefix: str = "loss") -> None:
+    """Raise ValueError naming the offending key when the loss and the model do not fit together."""
+    problems = []
+    if cfg.name not in LOSS_NAMES:
+        problems.append(f"{prefix}.name={cfg.name!r} is not one of {LOSS_NAMES}")
+    if cfg.chunk_size < 0:
+        problems.append(f"{prefix}.chunk_size={cfg.chunk_size} must be >= 0 (0: no chunking)")
+    if cfg.name == "siglip" and model.init_logit_bias is None:
+        problems.append(f"{prefix}.name='siglip' needs a learned bias: set model.init_logit_bias (SigLIP: -10)")
+    if cfg.name == "clip" and model.init_logit_bias is not None:
+        problems.append(
+            f"{prefix}.name='clip' does not use a bias, but model.init_logit_bias={model.init_logit_bias} "
+            "adds one (it would get no gradient)"
+        )
+    if problems:
+        raise ValueError("invalid loss config: " + "; ".join(problems))
+
 
 # ----------------------------------------------------------------------------------------------------
 # Trainer configuration: `scripts/train.py` composes configs/ with Hydra into a TrainConfig.
@@ -392,6 +423,10 @@ def validate_train_config(cfg: TrainConfig) -> None:
     )
     check(cfg.num_threads >= 0, f"num_threads={cfg.num_threads} must be >= 0 (0: torch's default)")
     check(not (cfg.lock_image and cfg.lock_text), "lock_image and lock_text cannot both be true: nothing would train")
+    check(
+        not (cfg.num_epochs > 0 and cfg.data.resampled),
+        "num_epochs needs epoch mode (data.resampled=false); resampled data is endless: set max_steps",
+    )
 
     o = cfg.optim
     check(o.lr > 0, f"optim.lr={o.lr} must be > 0")
@@ -423,6 +458,10 @@ def validate_train_config(cfg: TrainConfig) -> None:
         validate_model_config(cfg.model, prefix="model")
     except ValueError as error:
         problems.append(str(error).removeprefix("invalid model config: "))
+    try:
+        validate_loss_config(cfg.loss, cfg.model, prefix="loss")
+    except ValueError as error:
+        problems.append(str(error).removeprefix("invalid loss config: "))
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))
 

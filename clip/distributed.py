@@ -1,4 +1,7 @@
-"""Process groups and model wrapping: the only reader of RANK / WORLD_SIZE.
+"""Ranks, collectives, process groups and model wrapping: the only reader of RANK / WORLD_SIZE.
+
+The rest of the library asks here instead of reading RANK/WORLD_SIZE or calling torch.distributed
+itself, so a single process without a process group is simply world size 1 and rank 0.
 
 Launchers: torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and SLURM `srun` with
 one task per device (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; MASTER_ADDR/MASTER_PORT exported by
@@ -14,9 +17,39 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as functional_collectives
 from torch import nn
 
 from clip.config import DistConfig
+
+
+def is_distributed() -> bool:
+    """True when a torch.distributed process group is initialised."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    """This process's rank in the default process group; 0 without one."""
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size() -> int:
+    """Number of processes in the default process group; 1 without one."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's `x` [n, ...] concatenated in rank order -> [world_size * n, ...], differentiable.
+
+    The backward pass sends each slice's gradient back to the rank that owns it, summed over the
+    ranks whose loss used it (a reduce-scatter). That sum is what makes a loss on gathered
+    features exact: see clip/loss.py. All ranks must pass tensors of the same shape.
+    """
+    if get_world_size() == 1:
+        return x
+    # torch's differentiable all-gather (it deprecates torch.distributed.nn's for this one); the
+    # result waits for the collective on first use.
+    return functional_collectives.all_gather_single(x.contiguous(), gather_dim=0, group=dist.group.WORLD)
 
 
 @dataclass(frozen=True)
@@ -57,7 +90,7 @@ def get_device(device: str, local_rank: int) -> torch.device:
 
 def init_distributed(cfg: DistConfig, launch: LaunchEnv, device: torch.device) -> None:
     """Join the job's process group: NCCL on GPU, gloo on CPU. A world of one needs none."""
-    if launch.world_size == 1 or dist.is_initialized():
+    if launch.world_size == 1 or is_distributed():
         return
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
     if launch.launcher == "slurm":
@@ -73,12 +106,12 @@ def init_distributed(cfg: DistConfig, launch: LaunchEnv, device: torch.device) -
 
 
 def destroy_distributed() -> None:
-    if dist.is_initialized():
+    if is_distributed():
         dist.destroy_process_group()
 
 
 def barrier() -> None:
-    if dist.is_initialized():
+    if is_distributed():
         dist.barrier()
 
 
@@ -111,7 +144,7 @@ def exchange_step_control(has_batch: bool, finite: bool, stop: bool, loss: float
     can name the rank that went non-finite. The loss rides along for logging at no extra cost.
     """
     local = torch.tensor([float(has_batch), float(finite), float(stop), loss], dtype=torch.float64)
-    if dist.is_initialized():
+    if is_distributed():
         local = local.to(device)
         gathered = torch.empty(dist.get_world_size() * 4, dtype=torch.float64, device=device)
         dist.all_gather_single(gathered, local)
@@ -128,7 +161,7 @@ def exchange_step_control(has_batch: bool, finite: bool, stop: bool, loss: float
 
 def all_ranks_agree(ok: bool, device: torch.device) -> bool:
     """True only if `ok` on every rank (a MIN all-reduce)."""
-    if not dist.is_initialized():
+    if not is_distributed():
         return ok
     flag = torch.tensor([int(ok)], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
@@ -143,7 +176,7 @@ def apply_data_parallel(model: nn.Module, cfg: DistConfig, device: torch.device)
     (logit_scale, logit_bias): they stay replicated and their gradients are averaged by a hook.
     A world of one is left unwrapped.
     """
-    if not dist.is_initialized():
+    if not is_distributed():
         return model
     if cfg.parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard
@@ -161,3 +194,12 @@ def apply_data_parallel(model: nn.Module, cfg: DistConfig, device: torch.device)
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def sum_across_ranks(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise sums over all ranks (a SUM all-reduce)."""
+    if not is_distributed():
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.cpu().tolist()

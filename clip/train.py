@@ -22,13 +22,13 @@ import os
 import signal
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -72,13 +72,23 @@ from clip.distributed import (
     get_device,
     init_distributed,
     read_launch_env,
+    sum_across_ranks,
 )
+from clip.data import build_train_loader, check_train_data
+from clip.data.eval_datasets import load_classification_set
+from clip.data.records import SKIP_REASONS
+from clip.data.sources import DataConfigError
 from clip.flops import get_mfu, get_peak_flops, training_flops_per_sample
 from clip.logger import MetricsLogger, setup_console_logging
+from clip.loss import build_loss
 from clip.models import CLIP
 from clip.models.convert import read_checkpoint, read_checkpoint_config
 from clip.models.weights import check_model_config, export_state_dict, load_weights
+from clip.objective import ContrastiveModel, forward_backward
 from clip.precision import build_grad_scaler, get_autocast
+from clip.tokenizer import get_tokenizer
+from clip.transforms import image_transform_eval, image_transform_train
+from clip.zero_shot import evaluate
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +116,6 @@ class _Counters:
 
     step: int = 0  # optimizer steps taken or skipped: the step of the last batch consumed
     samples_seen: int = 0
-    epoch: int = 0
     nonfinite_steps: int = 0
     consecutive_nonfinite: int = 0
 
@@ -118,6 +127,12 @@ def train(cfg: TrainConfig) -> TrainResult:
     launch = read_launch_env()
     setup_console_logging(is_main=launch.rank == 0)
     per_device_batch, num_microbatches = get_batch_plan(cfg, launch.world_size)
+    if cfg.synthetic_data:
+        _prepare_synthetic_data(cfg.synthetic_data, launch.world_size)
+    try:
+        check_train_data(cfg.data, world_size=launch.world_size)  # missing shards, impossible splits (G7, G9)
+    except DataConfigError as error:
+        raise ConfigError(str(error)) from None
     run_dir = Path(cfg.output_dir)
     checkpoint_dir = run_dir / "checkpoints"
     resume_from = _get_resume_source(cfg.checkpoint, checkpoint_dir)
@@ -151,20 +166,28 @@ def train(cfg: TrainConfig) -> TrainResult:
     apply_tower_lock(model, lock_image=cfg.lock_image, lock_text=cfg.lock_text)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    objective = build_objective(model)
+    objective = ContrastiveModel(model)
     if cfg.compile:
         objective.compile()
     wrapped = apply_data_parallel(objective, cfg.dist, device)
     optimizer = build_optimizer(model, cfg.optim)
     scaler = build_grad_scaler(cfg.precision, device)
     autocast = get_autocast(cfg.precision, device)
-    loss_fn = build_loss_fn(cfg, rank=rank, world_size=world_size)
+    loss_fn = build_loss(cfg.loss)
+    if scaler is not None:  # fp16: backpropagate the scaled loss (GradScaler unscales the gradients)
+        loss_fn = _scaled(loss_fn, scaler)
     # Each rank draws its own randomness (augmentation, patch dropout) from here on.
     torch.manual_seed(cfg.seed + rank)
 
     # --- data
-    loader = build_train_loader(cfg, model_config, per_device_batch=per_device_batch, rank=rank, world_size=world_size)
-    max_steps = cfg.max_steps or math.ceil(cfg.num_epochs * get_steps_per_epoch(cfg, loader))
+    tokenize = get_tokenizer(model_config.text)
+    loader = build_train_loader(
+        cfg.data, batch_size=per_device_batch, image_transform=image_transform_train(model_config.vision.image_size),
+        tokenize=tokenize, rank=rank, world_size=world_size, seed=cfg.seed,
+    )
+    max_steps = cfg.max_steps or math.ceil(cfg.num_epochs * loader.steps_per_epoch)
+    eval_transform = image_transform_eval(model_config.vision.image_size)
+    eval_sets = [load_classification_set(path, eval_transform) for path in cfg.eval.zero_shot]
 
     # --- resume: restores model, optimizer, scaler, counters, this rank's RNGs and data position
     counters = _Counters()
@@ -219,21 +242,22 @@ def train(cfg: TrainConfig) -> TrainResult:
     wrapped.train()
     apply_tower_lock(model, lock_image=cfg.lock_image, lock_text=cfg.lock_text)  # eval mode for locked towers
     eval_metrics: dict[str, float] = {}
+    skipped: Counter = Counter()  # data samples skipped on this rank (corrupt, truncated, ...)
     interval = _Interval()
     data_iter = iter(loader)
     batch, data_state = _next_batch(data_iter, loader, interval)
     control = exchange_step_control(batch is not None, True, stop_request.requested, 0.0, device)
+    preempted = False
     try:
         while counters.step < max_steps and not control.stop:
             if not control.has_batch:
                 # Some rank's epoch ended (or the run resumed at an epoch's end): every rank starts the
                 # next epoch at this same step, so no rank waits in a collective the others never join.
-                counters.epoch += 1
-                data_iter = _start_epoch(loader, counters.epoch)
+                data_iter = iter(loader)
                 batch, data_state = _next_batch(data_iter, loader, interval)
                 control = exchange_step_control(batch is not None, True, stop_request.requested, 0.0, device)
                 if not control.has_batch:
-                    raise RuntimeError(f"no training batch at the start of epoch {counters.epoch} on some rank")
+                    raise RuntimeError(f"no training batch at the start of a new epoch (step {counters.step})")
                 continue
             step = counters.step + 1
             lr = get_lr(step, cfg.optim, max_steps)
@@ -242,7 +266,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             _arm_watchdog(cfg.dist.watchdog_s)
             if fault_here and step == cfg.fault.sleep_at_step:
                 time.sleep(cfg.fault.sleep_s)
-            images, texts = batch["images"].to(device, non_blocking=True), batch["texts"].to(device, non_blocking=True)
+            images, texts = batch.images.to(device, non_blocking=True), batch.texts.to(device, non_blocking=True)
+            skipped.update(batch.skipped)
             try:
                 if fault_here and step == cfg.fault.raise_at_step:
                     raise torch.OutOfMemoryError("injected by fault.raise_at_step")
@@ -294,31 +319,35 @@ def train(cfg: TrainConfig) -> TrainResult:
                 mfu = get_mfu(metrics["train/samples_per_s"], flops_per_sample, peak_flops, world_size)
                 if mfu is not None:
                     metrics["train/mfu"] = mfu
+                metrics["train/epoch"] = consumed_state.get("epoch", 0)
+                metrics.update(_skip_metrics(skipped, device))
                 metrics_logger.log(step, metrics)
                 metrics_logger.print(_console_line(step, max_steps, metrics))
                 interval = _Interval()
-            if cfg.eval.zero_shot and cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < max_steps:
-                eval_metrics = _evaluate(cfg, model, model_config, device, rank, world_size, autocast)
+            if eval_sets and cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < max_steps:
+                _arm_watchdog(cfg.dist.watchdog_s)
+                eval_metrics = _evaluate(eval_sets, wrapped, model, tokenize, cfg, device)
                 metrics_logger.log(step, eval_metrics)
-                metrics_logger.print(_eval_line(eval_metrics))
-                wrapped.train()
+                metrics_logger.print(_eval_line(step, eval_metrics))
                 apply_tower_lock(model, lock_image=cfg.lock_image, lock_text=cfg.lock_text)
                 interval = _Interval()
             # A periodic checkpoint of a skipped (non-finite) step would only move the data position past it.
             periodic = cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and control.finite
             if control.stop or step == max_steps or periodic:
+                _arm_watchdog(cfg.dist.watchdog_s)
                 save(step, consumed_state)
             if fault_here and step == cfg.fault.kill_at_step:
                 os.kill(os.getpid(), signal.SIGKILL)
+
         preempted = control.stop
-        _disarm_watchdog()
+        _arm_watchdog(cfg.dist.watchdog_s)
         if preempted:
-            logger.warning("stop requested (signal %s): checkpoint at step %d written, exiting", stop_request.signum, counters.step)
+            logger.warning("stop requested (signal %s): checkpoint of step %d written, exiting", stop_request.signum, counters.step)
         else:
-            if cfg.eval.zero_shot:
-                eval_metrics = _evaluate(cfg, model, model_config, device, rank, world_size, autocast)
+            if eval_sets:
+                eval_metrics = _evaluate(eval_sets, wrapped, model, tokenize, cfg, device)
                 metrics_logger.log(counters.step, eval_metrics)
-                metrics_logger.print(_eval_line(eval_metrics))
+                metrics_logger.print(_eval_line(counters.step, eval_metrics))
             if cfg.checkpoint.export:
                 export_final(model, model_config, run_dir / EXPORT_NAME, is_main=is_main, run_id=run_id, step=counters.step)
     finally:
@@ -346,8 +375,9 @@ def train_step(
 
     The optimizer update is the caller's: it happens only if every rank's result is finite.
     """
-    loss = forward_backward(wrapped, images, texts, loss_fn, num_microbatches, autocast=autocast, scaler=scaler)
+    loss = forward_backward(wrapped, images, texts, loss_fn, num_microbatches, autocast=autocast)
     if scaler is not None:
+        loss = loss / scaler.get_scale()  # loss_fn returned the scaled loss (see _scaled)
         scaler.unscale_(optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip_norm if grad_clip_norm > 0 else math.inf)
@@ -356,56 +386,26 @@ def train_step(
     return float(loss), float(grad_norm)
 
 
-# --- pieces owned by other modules (objective, loss, data, tokenizer, eval, export) -----------------
+# --- evaluation, export, weights ---------------------------------------------------------------------
 
 
-def build_objective(model: CLIP) -> nn.Module:
-    return _PlaceholderObjective(model)
-
-
-def build_loss_fn(cfg: TrainConfig, *, rank: int, world_size: int) -> Any:
-    return None
-
-
-def forward_backward(wrapped, images, texts, loss_fn, num_microbatches, *, autocast, scaler) -> torch.Tensor:
-    # PLACEHOLDER until clip.objective lands: local InfoNCE without gather or GradCache.
-    with autocast():
-        image_features, text_features, logit_scale, _ = wrapped(images, texts)
-        logits = logit_scale * image_features @ text_features.t()
-        labels = torch.arange(len(logits), device=logits.device)
-        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
-    (scaler.scale(loss) if scaler is not None else loss).backward()
-    return loss.detach()
-
-
-class _PlaceholderObjective(nn.Module):
-    def __init__(self, model: CLIP):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images, texts):
-        return (
-            self.model.encode_image(images, normalize=True),
-            self.model.encode_text(texts, normalize=True),
-            self.model.logit_scale.exp(),
-            self.model.logit_bias,
-        )
-
-
-def build_train_loader(cfg: TrainConfig, model_config: ModelConfig, *, per_device_batch: int, rank: int, world_size: int):
-    raise NotImplementedError("PLACEHOLDER until the data branch lands")
-
-
-def get_steps_per_epoch(cfg: TrainConfig, loader: Any) -> int:
-    raise NotImplementedError("PLACEHOLDER until the data branch lands")
-
-
-def _start_epoch(loader: Any, epoch: int):
-    return iter(loader)
-
-
-def _evaluate(cfg, model, model_config, device, rank, world_size, autocast) -> dict[str, float]:
-    return {}
+def _evaluate(eval_sets, wrapped: nn.Module, model: CLIP, tokenize, cfg: TrainConfig, device) -> dict[str, float]:
+    """Zero-shot metrics of every configured set (all ranks take part; clip.zero_shot)."""
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+    metrics: dict[str, float] = {}
+    # FSDP2: the root's own parameters (embeddings, projections) are gathered in its forward hook,
+    # which eval bypasses by calling the encoders directly; gather them for the duration.
+    unshard = getattr(wrapped, "unshard", None)
+    if unshard is not None:
+        unshard()
+    try:
+        for eval_set in eval_sets:
+            metrics.update(evaluate(model, eval_set, tokenize, batch_size=cfg.eval.batch_size, device=device,
+                                    autocast_dtype=autocast_dtype))
+    finally:
+        if unshard is not None:
+            wrapped.reshard()
+    return metrics
 
 
 def export_final(model: CLIP, model_config: ModelConfig, path: Path, *, is_main: bool, run_id: str, step: int) -> None:
@@ -431,6 +431,30 @@ def _init_weights(model: CLIP, path: str) -> None:
         check_model_config(stored, model.config, source=source, hint="Start from weights of this architecture.")
     load_weights(model, state_dict, source=source)
     logger.info("initialised weights from %s", source)
+
+
+def _prepare_synthetic_data(directory: str, world_size: int) -> None:
+    """Write clip.data.synthetic's shards and zero-shot set into `directory` unless it has them."""
+    from clip.data.synthetic import write_synthetic_dataset
+
+    if (Path(directory) / "train" / "sizes.json").exists():
+        return
+    if world_size > 1:
+        raise ConfigError(
+            f"synthetic_data={directory} does not exist yet; generate it before a multi-process launch "
+            f"(a single-process run does it), or unset synthetic_data"
+        )
+    logger.warning("writing synthetic training data to %s (first use)", directory)
+    write_synthetic_dataset(directory)
+
+
+def _scaled(loss_fn, scaler: torch.amp.GradScaler):
+    """fp16: the loss times the current loss scale, so that small gradients survive in float16."""
+
+    def scaled_loss(*outputs):
+        return scaler.scale(loss_fn(*outputs))
+
+    return scaled_loss
 
 
 # --- building blocks ------------------------------------------------------------------------------
@@ -707,7 +731,6 @@ def _train_metrics(control, lr, grad_norm, model, interval, cfg, counters, scale
         "train/samples_per_s": interval.num_steps * cfg.global_batch_size / interval.seconds,
         "train/data_wait": interval.data_seconds / interval.seconds,
         "train/samples_seen": counters.samples_seen,
-        "train/epoch": counters.epoch,
         "train/nonfinite_steps": counters.nonfinite_steps,
     }
     if scaler is not None:
@@ -734,8 +757,14 @@ def _get_mfu_inputs(cfg: TrainConfig, model_config: ModelConfig, device: torch.d
     return flops, get_peak_flops(torch.cuda.get_device_name(device), precision)
 
 
-def _eval_line(metrics: dict[str, float]) -> str:
-    return "zero-shot: " + ", ".join(f"{key} {value:.4f}" for key, value in sorted(metrics.items()))
+def _eval_line(step: int, metrics: dict[str, float]) -> str:
+    return f"step {step} zero-shot: " + ", ".join(f"{key} {value:.4g}" for key, value in sorted(metrics.items()))
+
+
+def _skip_metrics(skipped: Counter, device: torch.device) -> dict[str, float]:
+    """Samples skipped so far on all ranks, per reason (`data/skipped/<reason>`)."""
+    totals = sum_across_ranks([float(skipped[reason]) for reason in SKIP_REASONS], device)
+    return {f"data/skipped/{reason}": total for reason, total in zip(SKIP_REASONS, totals)}
 
 
 def _config_hash(cfg: TrainConfig) -> str:

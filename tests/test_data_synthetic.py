@@ -18,7 +18,7 @@ from data_shards import data_config, loader_kwargs, truncate
 
 def test_layout_determinism_and_loader_round_trip(tmp_path):
     a = write_synthetic_dataset(str(tmp_path / "a"), num_train=250, samples_per_shard=100, images_per_class=2, seed=7)
-    b = write_synthetic_dataset(str(tmp_path / "b"), num_train=250, samples_per_shard=100, images_per_class=2, seed=7)
+    write_synthetic_dataset(str(tmp_path / "b"), num_train=250, samples_per_shard=100, images_per_class=2, seed=7)
     c = write_synthetic_dataset(str(tmp_path / "c"), num_train=250, samples_per_shard=100, images_per_class=2, seed=8)
     train = tmp_path / "a" / "train"
     assert sorted(os.listdir(train)) == ["000000.tar", "000001.tar", "000002.tar", "sizes.json"]

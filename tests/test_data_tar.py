@@ -12,7 +12,7 @@ import pytest
 
 from clip.data.records import Record, SkipEvent
 from clip.data.tar_reader import iter_tar_samples, split_key
-from data_shards import add_member, member_offsets, tiny_jpeg, truncate, write_shard
+from data_shards import add_member, member_offsets, tiny_jpeg, write_shard
 from payloads import SystemCallPayload
 
 CAP = 64 * 1024 * 1024

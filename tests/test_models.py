@@ -102,3 +102,17 @@ def test_invalid_config_names_the_key():
     cfg = ModelConfig(vision=VisionConfig(kind="vit", image_size=225, patch_size=16))
     with pytest.raises(ValueError, match="model.vision.image_size=225"):
         validate_model_config(cfg)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_layernorm_computes_in_at_least_float32(dtype):
+    from clip.models.layers import LayerNorm
+
+    norm = LayerNorm(16).to(dtype)
+    x = (torch.randn(4, 16, dtype=torch.float64) * 30 + 1000).to(dtype)  # large offset: low precision suffers
+    reference = torch.nn.functional.layer_norm(x.double(), (16,), eps=norm.eps)
+    out = norm(x)
+    assert out.dtype == dtype
+    # Half-precision inputs are normalised in fp32 and only rounded at the end.
+    tolerance = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 1e-6, torch.float64: 1e-12}[dtype]
+    torch.testing.assert_close(out.double(), reference, atol=tolerance * 4, rtol=0)

@@ -1,7 +1,7 @@
 """Trainer test fixtures: a tiny run config, and an in-memory data source.
 
-MemoryLoader is tiny, deterministic and world-size invariant: global batch t of an epoch holds a fixed slice of a seeded permutation of the samples; rank r takes
-the r-th equal part of it. So the global batch at every step is the same whatever the world size,
+MemoryLoader is tiny, deterministic and world-size invariant: global batch t of an epoch holds a
+fixed slice of a seeded permutation of the samples; rank r takes the r-th equal part of it. So the global batch at every step is the same whatever the world size,
 which is what lets a 2-process run be compared with a 1-process run. Images of class c are noise
 around a class pattern and captions are `[c + 1, eot]`, so the model can learn the pairing.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -18,9 +19,11 @@ from clip.hydra_config import compose_train_config
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 # A run that takes a few seconds on one CPU thread: the real model code at its smallest.
+TINY_IMAGE_SIZE = 32  # tiny-vit's
+TINY_CONTEXT_LENGTH = 8
 TINY_RUN = [
     "model=tiny-vit",
-    "model.text.context_length=8",
+    f"model.text.context_length={TINY_CONTEXT_LENGTH}",
     "data.train_shards=unused",
     "global_batch_size=16",
     "max_steps=12",
@@ -47,6 +50,8 @@ def load_model_state(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 
 class MemoryLoader:
+    """clip.data's TrainLoader interface (iterate for batches, steps_per_epoch, state_dict) in memory."""
+
     def __init__(
         self,
         *,
@@ -56,7 +61,7 @@ class MemoryLoader:
         world_size: int,
         image_size: int,
         context_length: int,
-        eot_token_id: int,
+        eot_token_id: int = 49407,
         num_classes: int = 8,
         seed: int = 0,
     ):
@@ -71,17 +76,17 @@ class MemoryLoader:
         self.local_batch_size = global_batch_size // world_size
         self.rank = rank
         self.seed = seed
-        self.num_batches = num_samples // global_batch_size
+        self.steps_per_epoch = num_samples // global_batch_size
         self.epoch = 0
         self.next_batch = 0
 
     def __iter__(self):
         order = torch.randperm(len(self.labels), generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        while self.next_batch < self.num_batches:
+        while self.next_batch < self.steps_per_epoch:
             start = self.next_batch * self.global_batch_size + self.rank * self.local_batch_size
             index = order[start : start + self.local_batch_size]
             self.next_batch += 1
-            yield {"images": self.images[index], "texts": self.texts[index]}
+            yield SimpleNamespace(images=self.images[index], texts=self.texts[index], skipped={})
         self.epoch += 1
         self.next_batch = 0
 
@@ -95,12 +100,11 @@ class MemoryLoader:
 def use_memory_data(train_module, num_samples: int = 256) -> None:
     """Make `train_module` (clip.train) read MemoryLoader batches instead of shards."""
 
-    def build_train_loader(cfg, model_config, *, per_device_batch, rank, world_size):
+    def build_train_loader(data_cfg, *, batch_size, image_transform, tokenize, rank, world_size, seed):
         return MemoryLoader(
-            num_samples=num_samples, global_batch_size=cfg.global_batch_size, rank=rank, world_size=world_size,
-            image_size=model_config.vision.image_size, context_length=model_config.text.context_length,
-            eot_token_id=model_config.text.eot_token_id, seed=cfg.seed,
+            num_samples=num_samples, global_batch_size=batch_size * world_size, rank=rank, world_size=world_size,
+            image_size=TINY_IMAGE_SIZE, context_length=TINY_CONTEXT_LENGTH, seed=seed,
         )
 
     train_module.build_train_loader = build_train_loader
-    train_module.get_steps_per_epoch = lambda cfg, loader: loader.num_batches
+    train_module.check_train_data = lambda data_cfg, world_size: None

@@ -17,7 +17,6 @@ import math
 import os
 import random
 from dataclasses import dataclass
-from typing import Optional
 
 from PIL import Image, ImageDraw
 

@@ -15,15 +15,17 @@ from torch.utils.checkpoint import checkpoint
 
 
 class LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in float32 whatever the input and weight dtypes, returned in the input dtype.
+    """LayerNorm computed in at least float32 whatever the input and weight dtypes, returned in the input dtype.
 
-    OpenAI's fp16 checkpoints rely on this: normalising in half precision loses accuracy.
+    OpenAI's fp16 checkpoints rely on this: normalising in half precision loses accuracy. Float64 inputs
+    stay float64, so exactness tests in double precision are not capped by a float32 round trip.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight.float() if self.weight is not None else None
-        bias = self.bias.float() if self.bias is not None else None
-        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+        compute_dtype = torch.promote_types(x.dtype, torch.float32)
+        weight = self.weight.to(compute_dtype) if self.weight is not None else None
+        bias = self.bias.to(compute_dtype) if self.bias is not None else None
+        return F.layer_norm(x.to(compute_dtype), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
 
 
 class QuickGELU(nn.Module):
