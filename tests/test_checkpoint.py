@@ -168,7 +168,7 @@ def test_a_checkpoint_file_that_would_run_code_is_refused(tmp_path):
             return (os.system, (f"touch {tmp_path / 'marker'}",))
 
     path = _save(tmp_path, 5)
-    (path / "train_state.pt").write_bytes(pickle.dumps(Payload()))
+    (path / "train_state.pt").write_bytes(pickle.dumps(Payload(), protocol=2))
     manifest = json.loads((path / "manifest.json").read_text())
     manifest["files"]["train_state.pt"] = ckpt._file_digest(path / "train_state.pt")  # an attacker can rehash
     (path / "manifest.json").write_text(json.dumps(manifest))
