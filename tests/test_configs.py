@@ -93,6 +93,7 @@ def _run_entry_point(*args: str, cwd: Path) -> subprocess.CompletedProcess:
         ("optim.lr=abc", "optim.lr"),
         ("checkpoint.keep_last=1", "checkpoint.keep_last"),
         ("+wandb.api_key=abc", "wandb.api_key"),
+        ("data.train_shards='/nonexistent/{000..003}.tar'", "data.train_shards"),  # checked by train()
     ],
 )
 def test_the_entry_point_exits_2_before_any_side_effect(tmp_path, override, key):
