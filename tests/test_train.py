@@ -26,8 +26,7 @@ from tests.train_fixtures import load_model_state, read_metrics, tiny_train_conf
 
 @pytest.fixture(autouse=True)
 def memory_data(monkeypatch):
-    monkeypatch.setattr(train_module, "build_train_loader", None)  # restored by monkeypatch after the test
-    use_memory_data(train_module)
+    use_memory_data(monkeypatch)
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +34,7 @@ def reference_run(tmp_path_factory):
     """12 steps, checkpoints at 4, 8 and 12: the uninterrupted run others are compared with."""
     run_dir = tmp_path_factory.mktemp("reference")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train_module, "build_train_loader", None)
-        use_memory_data(train_module)
+        use_memory_data(patch)
         result = train(tiny_train_config(run_dir))
     return run_dir, result
 

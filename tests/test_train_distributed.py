@@ -33,7 +33,7 @@ def _worker(rank: int, world_size: int, port: int, overrides: list[str]) -> None
     faulthandler.dump_traceback_later(TIMEOUT_S, exit=True)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
-    use_memory_data(train_module)
+    use_memory_data(pytest.MonkeyPatch())  # a fresh process: nothing to undo
     train_module.train(tiny_train_config(*overrides))
 
 
@@ -58,8 +58,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, pa
                  "optim.grad_clip_norm=0.5", f"dist.parallel={parallel}"]
     one, two = tmp_path / "one", tmp_path / "two"
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train_module, "build_train_loader", None)
-        use_memory_data(train_module)
+        use_memory_data(patch)
         train_module.train(tiny_train_config(one, *overrides, "micro_batch_size=0"))
     run_processes(2, [str(two), *overrides])
     reference = load_model_state(one / "checkpoints" / "step-4")

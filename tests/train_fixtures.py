@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from clip.hydra_config import compose_train_config
@@ -97,8 +98,9 @@ class MemoryLoader:
         self.epoch, self.next_batch = state["epoch"], state["next_batch"]
 
 
-def use_memory_data(train_module, num_samples: int = 256) -> None:
-    """Make `train_module` (clip.train) read MemoryLoader batches instead of shards."""
+def use_memory_data(patch: pytest.MonkeyPatch, num_samples: int = 256) -> None:
+    """Make clip.train read MemoryLoader batches instead of shards (undone when `patch` is)."""
+    import clip.train
 
     def build_train_loader(data_cfg, *, batch_size, image_transform, tokenize, rank, world_size, seed):
         return MemoryLoader(
@@ -106,5 +108,5 @@ def use_memory_data(train_module, num_samples: int = 256) -> None:
             image_size=TINY_IMAGE_SIZE, context_length=TINY_CONTEXT_LENGTH, seed=seed,
         )
 
-    train_module.build_train_loader = build_train_loader
-    train_module.check_train_data = lambda data_cfg, world_size: None
+    patch.setattr(clip.train, "build_train_loader", build_train_loader)
+    patch.setattr(clip.train, "check_train_data", lambda data_cfg, world_size: None)
