@@ -211,7 +211,11 @@ def apply_data_parallel(model: nn.Module, cfg: DistConfig, device: torch.device)
         return fully_shard(model, ignored_params=scalars)
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # gradient_as_bucket_view: the gradients live in DDP's communication buckets instead of being
+    # copied into them, which saves one fp32 copy of the gradients and a memcpy per step.
+    return DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True
+    )
 
 
 def sum_across_ranks(values: list[float], device: torch.device) -> list[float]:

@@ -144,6 +144,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     torch.use_deterministic_algorithms(cfg.deterministic)
+    # cuDNN times its convolution algorithms on the first batch of each shape and keeps the fastest
+    # (training batches all have one shape); its choice is not reproducible, hence not in deterministic mode.
+    torch.backends.cudnn.benchmark = device.type == "cuda" and not cfg.deterministic
     if is_main:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         remove_stale(checkpoint_dir)

@@ -377,6 +377,7 @@ def main(argv: list[str] | None = None) -> list[Measured]:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)  # fmt: skip
     torch.set_num_threads(args.threads or os.cpu_count())
+    torch.backends.cudnn.benchmark = True  # as the trainer (unless deterministic) and open_clip_train do
     cfg = build_config(args)
 
     load_before = os.getloadavg()[0]

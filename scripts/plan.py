@@ -195,7 +195,6 @@ def format_plan(run: RunConfig, cluster: ClusterConfig, mfu: float, mfu_measured
         ("weights (fp32)", "weights"),
         ("gradients (fp32)", "gradients"),
         ("AdamW moments (fp32)", "optimizer"),
-        ("DDP gradient buckets", "ddp_buckets"),
         ("autocast weight copies", "autocast_weights"),
         ("inputs (local batch)", "inputs"),
         ("activations", "activations"),

@@ -83,7 +83,7 @@ def test_memory_components():
     ddp = estimate_memory(cfg, micro_batch=64, local_batch=256, global_batch=32768, num_devices=128)
     fsdp = estimate_memory(cfg, micro_batch=64, local_batch=256, global_batch=32768, num_devices=128, parallel="fsdp")
     assert ddp.weights == ddp.gradients == 4 * params.total and ddp.optimizer == 8 * params.total
-    assert fsdp.optimizer == ddp.optimizer / 128 and fsdp.ddp_buckets == 0
+    assert fsdp.optimizer == ddp.optimizer / 128 and fsdp.gradients == ddp.gradients / 128
     assert ddp.logits == 24 * 256 * 32768  # plain [local, global] logits
     chunked = estimate_memory(cfg, micro_batch=64, local_batch=256, global_batch=32768, num_devices=128, loss_chunk_rows=32)
     assert chunked.logits == ddp.logits / 8
