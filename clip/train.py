@@ -356,6 +356,9 @@ def train(cfg: TrainConfig) -> TrainResult:
         metrics_logger.close()
     barrier()
     destroy_distributed()
+    if is_main and not preempted:
+        for eval_set in eval_sets:  # the run's result, last and plain (the README's first command ends here)
+            print(_final_line(eval_set.name, len(eval_set.classnames), eval_metrics), flush=True)
     return TrainResult(step=counters.step, preempted=preempted, output_dir=run_dir, metrics=eval_metrics)
 
 
@@ -759,6 +762,11 @@ def _get_mfu_inputs(cfg: TrainConfig, model_config: ModelConfig, device: torch.d
 
 def _eval_line(step: int, metrics: dict[str, float]) -> str:
     return f"step {step} zero-shot: " + ", ".join(f"{key} {value:.4g}" for key, value in sorted(metrics.items()))
+
+
+def _final_line(name: str, num_classes: int, metrics: dict[str, float]) -> str:
+    return (f"final zero-shot top-1 on {name}: {metrics[f'eval/{name}_top1']:.3f} "
+            f"(chance {1 / num_classes:.3f}, {num_classes} classes)")
 
 
 def _skip_metrics(skipped: Counter, device: torch.device) -> dict[str, float]:
