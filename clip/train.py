@@ -663,7 +663,8 @@ def _next_batch(data_iter, loader, interval: "_Interval") -> tuple[dict | None, 
 class StopRequest:
     """SIGTERM / SIGUSR1 set a flag (no I/O, no collectives in the handler); the loop acts on it at
     the next step boundary, on every rank at the same step (G6). DataLoader workers forked from this
-    process inherit the handler but ignore the signal (`os.getpid()` differs)."""
+    process inherit the handler but ignore the signal (`os.getpid()` differs); for SIGTERM, torch
+    replaces it in workers, and clip.data.worker_signals makes them ignore it again."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
