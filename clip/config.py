@@ -238,3 +238,245 @@ def validate_loss_config(cfg: LossConfig, model: ModelConfig, prefix: str = "los
         )
     if problems:
         raise ValueError("invalid loss config: " + "; ".join(problems))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Trainer configuration: `scripts/train.py` composes configs/ with Hydra into a TrainConfig.
+# Step quantities (`*_steps`, `*_every`) count optimizer steps.
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+PARALLELISMS = ("ddp", "fsdp")
+LR_SCHEDULES = ("cosine", "constant")
+WANDB_MODES = ("disabled", "offline", "online")
+RESUME_MODES = ("auto", "never")  # or a checkpoint path
+
+
+@dataclass
+class TrainModelConfig(ModelConfig):
+    """A registry architecture (`model=ViT-B-32` selects it) plus any field overrides.
+
+    `name` records which registry entry the fields came from; it is filled by the `model=` choice.
+    """
+
+    name: str = ""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW, linear warmup then cosine decay (the CLIP paper's recipe, arXiv:2103.00020 appendix F).
+
+    Weight decay applies to matrices and embeddings (ndim >= 2): not to gains, biases, the class
+    token, BatchNorm parameters or logit_scale/logit_bias (ndim < 2). See docs/training.md.
+    """
+
+    lr: float = 5e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    weight_decay: float = 0.2
+    warmup_steps: int = 2000
+    schedule: str = "cosine"  # "cosine" | "constant" (after warmup)
+    min_lr: float = 0.0  # the cosine's final value
+    # Clip the global gradient norm to this value; 0 disables clipping (the norm is still computed
+    # and checked for finiteness every step).
+    grad_clip_norm: float = 1.0
+
+
+@dataclass
+class CheckpointConfig:
+    """Training checkpoints under `<output_dir>/checkpoints/step-<N>/` and the final export."""
+
+    every_steps: int = 1000  # 0: only at the end and on preemption
+    keep_last: int = 3  # >= 2: the newest checkpoint is never the only one on disk while a new one is written
+    # "auto": resume from the newest committed checkpoint in output_dir if there is one;
+    # "never": refuse to start in a run directory that has checkpoints; or a path to a checkpoint.
+    resume: str = "auto"
+    # Weights to start a *new* run from (ignored, with a log line, when resuming).
+    init_from: str = ""
+    # Config keys (e.g. "global_batch_size") whose change is accepted on resume.
+    allow_config_change: list[str] = field(default_factory=list)
+    export: bool = True  # write `<output_dir>/export/` for `clip.load` at the end
+
+
+@dataclass
+class LogConfig:
+    every_steps: int = 10
+    wandb: str = "disabled"  # "disabled" | "offline" (no account needed) | "online"
+    wandb_project: str = "clip-train"
+    run_name: str = ""  # wandb run name; letters, digits, '.', '_' and '-' only
+
+
+@dataclass
+class EvalConfig:
+    """Periodic zero-shot evaluation on ImageFolder-style sets (all ranks take part)."""
+
+    every_steps: int = 0  # 0: only at the end (when `zero_shot` names sets)
+    zero_shot: list[str] = field(default_factory=list)  # dataset directories; metric `eval/<dir name>_top1`
+    batch_size: int = 64
+
+
+@dataclass
+class DistConfig:
+    parallel: str = "ddp"  # "ddp" | "fsdp" (FSDP2, for towers that do not fit replicated)
+    backend: str = "auto"  # "auto": nccl on GPU, gloo on CPU
+    timeout_s: int = 600  # collective timeout: a rank that stops answering fails the job after this
+    # Dump every thread's stack and exit when no step completes for this long (0: off).
+    watchdog_s: int = 1800
+
+
+@dataclass
+class NanConfig:
+    """Non-finite loss or gradient norm: the step is skipped on every rank and counted."""
+
+    max_consecutive: int = 3  # this many skipped steps in a row stop the run (1: stop at the first)
+    max_total: int = 100  # or this many in the whole run (0: no limit)
+
+
+@dataclass
+class FaultConfig:
+    """Fault injection for tests. All off (0 / empty); `rank` -1 means every rank."""
+
+    rank: int = -1
+    kill_at_step: int = 0  # SIGKILL itself right after completing this step
+    kill_in_save_at_step: int = 0  # SIGKILL itself inside the checkpoint save of this step, at:
+    kill_in_save_phase: str = "write"  # "write" | "before_rename" | "before_latest" | "retention"
+    nan_at_steps: list[int] = field(default_factory=list)  # replace the loss with NaN at these steps
+    raise_at_step: int = 0  # raise torch.OutOfMemoryError in this step
+    sleep_at_step: int = 0  # sleep `sleep_s` seconds in this step (a hung rank)
+    sleep_s: float = 60.0
+    signal_at_step: int = 0  # send itself SIGTERM after this step (a preemption notice)
+
+
+@dataclass
+class TrainConfig:
+    """One training run. The global batch is the one batch-size setting; per-device batch and
+    GradCache micro-batches are derived from it and the world size."""
+
+    output_dir: str = "???"  # run directory: config.yaml, metrics.jsonl, checkpoints/, export/
+    seed: int = 0
+    global_batch_size: int = 256
+    # Per-device micro-batch for GradCache accumulation; 0: the whole per-device batch at once.
+    micro_batch_size: int = 0
+    # Run length: exactly one of max_steps and num_epochs (epochs of data.num_samples) is > 0.
+    max_steps: int = 0
+    num_epochs: float = 0.0
+    precision: str = "bf16"  # "fp32" | "bf16" (autocast) | "fp16" (autocast + grad scaling)
+    device: str = "auto"  # "auto": cuda if available, else cpu
+    compile: bool = False
+    grad_checkpointing: bool = False
+    # LiT-style tuning (arXiv:2111.07991): freeze a tower's weights (and its BatchNorm statistics).
+    lock_image: bool = False
+    lock_text: bool = False
+    # CPU bitwise reproducibility: deterministic kernels; num_threads > 0 pins torch's thread count.
+    deterministic: bool = False
+    num_threads: int = 0
+    # Write clip.data.synthetic's shards and zero-shot set into this directory first if it has none
+    # (the smoke run's self-made data; single-process runs only).
+    synthetic_data: str = ""
+    model: TrainModelConfig = field(default_factory=TrainModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    nan: NanConfig = field(default_factory=NanConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
+
+
+class ConfigError(ValueError):
+    """A config value is unknown, mistyped or contradicts another; the message names the key.
+
+    Raised before any side effect (no run directory, no process group); `scripts/train.py` exits 2.
+    """
+
+
+_RUN_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+_FAULT_SAVE_PHASES = ("write", "before_rename", "before_latest", "retention")
+
+
+def validate_train_config(cfg: TrainConfig) -> None:
+    """Raise ConfigError listing every cross-field problem, each with its full key."""
+    import re
+
+    problems = []
+
+    def check(ok: bool, message: str) -> None:
+        if not ok:
+            problems.append(message)
+
+    def one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+        check(value in allowed, f"{key}={value!r} is not one of {allowed}")
+
+    one_of("precision", cfg.precision, PRECISIONS)
+    one_of("dist.parallel", cfg.dist.parallel, PARALLELISMS)
+    one_of("dist.backend", cfg.dist.backend, ("auto", "nccl", "gloo"))
+    one_of("optim.schedule", cfg.optim.schedule, LR_SCHEDULES)
+    one_of("log.wandb", cfg.log.wandb, WANDB_MODES)
+    one_of("fault.kill_in_save_phase", cfg.fault.kill_in_save_phase, _FAULT_SAVE_PHASES)
+    check(cfg.device in ("auto", "cpu") or cfg.device.startswith("cuda"), f"device={cfg.device!r} must be auto, cpu or cuda[:N]")
+    check(cfg.global_batch_size > 0, f"global_batch_size={cfg.global_batch_size} must be > 0")
+    check(cfg.micro_batch_size >= 0, f"micro_batch_size={cfg.micro_batch_size} must be >= 0 (0: no accumulation)")
+    check(
+        (cfg.max_steps > 0) != (cfg.num_epochs > 0),
+        f"set exactly one of max_steps={cfg.max_steps} and num_epochs={cfg.num_epochs} to a positive value",
+    )
+    check(cfg.num_threads >= 0, f"num_threads={cfg.num_threads} must be >= 0 (0: torch's default)")
+    check(not (cfg.lock_image and cfg.lock_text), "lock_image and lock_text cannot both be true: nothing would train")
+    check(
+        not (cfg.num_epochs > 0 and cfg.data.resampled),
+        "num_epochs needs epoch mode (data.resampled=false); resampled data is endless: set max_steps",
+    )
+
+    o = cfg.optim
+    check(o.lr > 0, f"optim.lr={o.lr} must be > 0")
+    check(0 <= o.min_lr <= o.lr, f"optim.min_lr={o.min_lr} must be in [0, optim.lr={o.lr}]")
+    check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas={o.betas} must be two values in [0, 1)")
+    check(o.eps > 0, f"optim.eps={o.eps} must be > 0")
+    check(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0")
+    check(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
+    check(o.grad_clip_norm >= 0, f"optim.grad_clip_norm={o.grad_clip_norm} must be >= 0 (0: no clipping)")
+
+    c = cfg.checkpoint
+    check(c.keep_last >= 2, f"checkpoint.keep_last={c.keep_last} must be >= 2 so that a failed save never leaves no checkpoint")
+    check(c.every_steps >= 0, f"checkpoint.every_steps={c.every_steps} must be >= 0 (0: only at the end)")
+    check(c.resume != "", "checkpoint.resume must be auto, never or a checkpoint path")
+
+    check(cfg.log.every_steps >= 1, f"log.every_steps={cfg.log.every_steps} must be >= 1")
+    check(
+        not cfg.log.run_name or re.fullmatch(_RUN_NAME_PATTERN, cfg.log.run_name) is not None,
+        f"log.run_name={cfg.log.run_name!r} may hold only letters, digits, '.', '_' and '-'",
+    )
+    check(cfg.eval.every_steps >= 0, f"eval.every_steps={cfg.eval.every_steps} must be >= 0")
+    check(cfg.eval.batch_size > 0, f"eval.batch_size={cfg.eval.batch_size} must be > 0")
+    check(cfg.dist.timeout_s > 0, f"dist.timeout_s={cfg.dist.timeout_s} must be > 0")
+    check(cfg.dist.watchdog_s >= 0, f"dist.watchdog_s={cfg.dist.watchdog_s} must be >= 0 (0: off)")
+    check(cfg.nan.max_consecutive >= 1, f"nan.max_consecutive={cfg.nan.max_consecutive} must be >= 1")
+    check(cfg.nan.max_total >= 0, f"nan.max_total={cfg.nan.max_total} must be >= 0 (0: no limit)")
+
+    try:
+        validate_model_config(cfg.model, prefix="model")
+    except ValueError as error:
+        problems.append(str(error).removeprefix("invalid model config: "))
+    try:
+        validate_loss_config(cfg.loss, cfg.model, prefix="loss")
+    except ValueError as error:
+        problems.append(str(error).removeprefix("invalid loss config: "))
+    if problems:
+        raise ConfigError("invalid config: " + "; ".join(problems))
+
+
+def get_batch_plan(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
+    """(per-device batch, GradCache micro-batches per step) from the global batch and the world size."""
+    if cfg.global_batch_size % world_size:
+        raise ConfigError(
+            f"global_batch_size={cfg.global_batch_size} is not divisible by the world size {world_size}"
+        )
+    per_device = cfg.global_batch_size // world_size
+    micro = cfg.micro_batch_size or per_device
+    if per_device % micro:
+        raise ConfigError(
+            f"micro_batch_size={micro} does not divide the per-device batch {per_device} "
+            f"(global_batch_size={cfg.global_batch_size} / {world_size} devices)"
+        )
+    return per_device, per_device // micro

@@ -1,0 +1,112 @@
+"""Configs: every recipe composes into the typed TrainConfig; mistakes fail before any work, naming the key.
+
+Compositions use Hydra's compose API in-process; the exit-code checks run the real entry point
+(RELIABILITY.md G15, S6).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from clip.config import ConfigError, TrainConfig
+from clip.hydra_config import compose_train_config
+from clip.models.registry import get_model_config
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = ROOT / "configs"
+EXPERIMENTS = sorted(path.stem for path in (CONFIG_DIR / "experiment").glob("*.yaml"))
+
+
+def test_the_recipes_the_issue_names_exist():
+    assert {"smoke", "rn50", "vit_b32", "vit_b16", "vit_l14"} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_into_the_typed_config(experiment, tmp_path):
+    cfg = compose_train_config(CONFIG_DIR, [f"+experiment={experiment}", f"output_dir={tmp_path}",
+                                            "data.train_shards='/shards/{0..9}.tar'"])
+    assert isinstance(cfg, TrainConfig)
+    # The architecture is the registry's entry of that name, field for field.
+    registered = get_model_config(cfg.model.name)
+    assert cfg.model.vision == registered.vision or experiment == "smoke"
+    header = (CONFIG_DIR / "experiment" / f"{experiment}.yaml").read_text().splitlines()[:12]
+    assert any("scripts/train.py +experiment=" + experiment in line for line in header), "header names the command"
+    assert any("Expected" in line for line in (CONFIG_DIR / "experiment" / f"{experiment}.yaml").read_text().splitlines())
+
+
+def test_vit_l14_is_the_papers_recipe(tmp_path):
+    cfg = compose_train_config(CONFIG_DIR, ["+experiment=vit_l14", f"output_dir={tmp_path}", "data.train_shards=x"])
+    assert cfg.model.name == "ViT-L-14" and cfg.model.vision.width == 1024 and cfg.model.vision.patch_size == 14
+    assert cfg.global_batch_size == 32768
+    o = cfg.optim
+    assert (o.betas, o.eps, o.weight_decay, o.lr, o.schedule) == ([0.9, 0.98], 1e-6, 0.2, 4e-4, "cosine")
+    assert o.warmup_steps == 2000 and cfg.max_steps * cfg.global_batch_size >= 32 * 400_000_000
+
+
+def test_model_fields_can_be_overridden_with_type_checks(tmp_path):
+    cfg = compose_train_config(CONFIG_DIR, ["model=ViT-B-16", "model.vision.image_size=384", f"output_dir={tmp_path}",
+                                            "data.train_shards=x", "max_steps=1"])
+    assert cfg.model.name == "ViT-B-16" and cfg.model.vision.image_size == 384 and cfg.model.vision.patch_size == 16
+    with pytest.raises(ConfigError, match=r"model.vision.image_size: Value 'big'"):
+        compose_train_config(CONFIG_DIR, ["model.vision.image_size=big", f"output_dir={tmp_path}", "max_steps=1"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lrr=0.1", r"optim.lrr.*did you mean optim.lr\?"),
+        ("+optim.lrr=0.1", r"optim.lrr is not a config key \(did you mean optim.lr\?\)"),
+        ("optim.lr=abc", r"optim.lr: Value 'abc' of type 'str' could not be converted to Float"),
+        ("checkpoint.keep_last=1", r"checkpoint.keep_last=1 must be >= 2"),
+        ("precision=fp8", r"precision='fp8' is not one of"),
+        ("model.name=ViT-L-14", r"use model=ViT-L-14"),
+        ("log.run_name=../../etc", r"log.run_name='../../etc' may hold only"),
+        ("+wandb.api_key=abc", r"wandb.api_key: configs must not hold credentials"),
+    ],
+)
+def test_config_mistakes_name_the_key(override, message, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        compose_train_config(CONFIG_DIR, [f"output_dir={tmp_path}", "data.train_shards=x", "max_steps=1", override])
+
+
+def test_a_missing_required_value_names_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"data.train_shards is required"):
+        compose_train_config(CONFIG_DIR, [f"output_dir={tmp_path}", "max_steps=1"])
+
+
+def _run_entry_point(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("optim.lrr=0.1", "did you mean optim.lr"),
+        ("optim.lr=abc", "optim.lr"),
+        ("checkpoint.keep_last=1", "checkpoint.keep_last"),
+        ("+wandb.api_key=abc", "wandb.api_key"),
+        ("data.train_shards='/nonexistent/{000..003}.tar'", "data.train_shards"),  # checked by train()
+    ],
+)
+def test_the_entry_point_exits_2_before_any_side_effect(tmp_path, override, key):
+    start = time.monotonic()
+    result = _run_entry_point("+experiment=vit_b32", "output_dir=run", "data.train_shards=x", override, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert key in result.stderr and time.monotonic() - start < 60
+    assert "abc" not in result.stderr or "api_key" not in override  # a secret is never echoed
+    assert list(tmp_path.iterdir()) == []  # no run directory, no .hydra/
+
+
+def test_cfg_job_prints_the_composed_config(tmp_path):
+    result = _run_entry_point("+experiment=vit_l14", "--cfg", "job", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "name: ViT-L-14" in result.stdout and "global_batch_size: 32768" in result.stdout
+    assert list(tmp_path.iterdir()) == []

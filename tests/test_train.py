@@ -1,0 +1,328 @@
+"""The training loop in one process: checkpoints, resume, preemption, non-finite steps, logging.
+
+Runs call clip.train.train in-process on a tiny model with in-memory data (tests/train_fixtures.py);
+one reference run is shared by the tests that only read it. Subprocess and multi-process tests of
+the real entry point are in tests/test_train_launch.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import shutil
+
+import pytest
+import torch
+
+import clip
+import clip.checkpoint as ckpt
+import clip.train as train_module
+from clip.config import ConfigError
+from clip.models.weights import CheckpointMismatchError
+from clip.train import MAX_LOGIT_SCALE, NonFiniteLossError, build_optimizer, get_lr, train
+from tests.train_fixtures import load_model_state, read_metrics, tiny_train_config, use_memory_data
+
+
+@pytest.fixture(autouse=True)
+def memory_data(monkeypatch):
+    use_memory_data(monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """12 steps, checkpoints at 4, 8 and 12: the uninterrupted run others are compared with."""
+    run_dir = tmp_path_factory.mktemp("reference")
+    with pytest.MonkeyPatch.context() as patch:
+        use_memory_data(patch)
+        result = train(tiny_train_config(run_dir))
+    return run_dir, result
+
+
+def _assert_same_tensors(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def _digest_tree(directory) -> dict[str, str]:
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_reference_run_learns_logs_and_checkpoints(reference_run):
+    run_dir, result = reference_run
+    assert result.step == 12 and not result.preempted
+    events = [e for e in read_metrics(run_dir) if "train/loss" in e]
+    assert [e["step"] for e in events] == list(range(1, 13))
+    assert events[-1]["train/loss"] < events[0]["train/loss"] - 0.3
+    assert {"train/lr", "train/logit_scale", "train/samples_per_s", "train/data_wait", "train/grad_norm"} <= events[0].keys()
+    assert [step for step, _ in ckpt.list_committed(run_dir / "checkpoints")] == [4, 8, 12]
+    state = torch.load(run_dir / "checkpoints" / "step-12" / "train_state.pt", weights_only=True)
+    assert state["counters"]["step"] == 12 and state["counters"]["samples_seen"] == 12 * 16
+    assert "model.name: tiny-vit" not in state["config"] and '"name": "tiny-vit"' in state["config"]
+    assert (run_dir / "config.yaml").read_text().count("tiny-vit") == 1
+    assert not (run_dir / ".hydra").exists()
+
+
+def test_preemption_checkpoints_the_current_step_and_the_rerun_matches_the_reference(tmp_path, reference_run):
+    preempted = train(tiny_train_config(tmp_path, "fault.signal_at_step=6"))
+    assert preempted.preempted and preempted.step == 6
+    assert ckpt.find_latest(tmp_path / "checkpoints").name == "step-6"
+    resumed = train(tiny_train_config(tmp_path))
+    assert resumed.step == 12 and not resumed.preempted
+    _assert_same_tensors(load_model_state(tmp_path / "checkpoints" / "step-12"),
+                         load_model_state(reference_run[0] / "checkpoints" / "step-12"))
+    steps = [e["step"] for e in read_metrics(tmp_path) if "train/loss" in e]
+    assert steps == list(range(1, 13))  # the resumed run goes on at step 7, never backwards
+
+
+def test_a_non_finite_step_is_skipped_and_counted(tmp_path):
+    # The run ends at step 5, so that step is checkpointed (a skipped step is not, periodically).
+    result = train(tiny_train_config(tmp_path, "fault.nan_at_steps=[5]", "checkpoint.every_steps=1", "max_steps=5"))
+    assert result.step == 5
+    states = {step: load_model_state(tmp_path / "checkpoints" / f"step-{step}") for step in (3, 4, 5)}
+    _assert_same_tensors(states[4], states[5])  # the skipped step changed nothing
+    assert not torch.equal(states[3]["visual.proj"], states[4]["visual.proj"])  # while steps before did
+    assert read_metrics(tmp_path)[-1]["train/nonfinite_steps"] == 1
+
+
+def test_an_infinite_loss_is_skipped_too(tmp_path, monkeypatch):
+    real_forward_backward = train_module.forward_backward
+    calls = []
+
+    def forward_backward(*args, **kwargs):
+        calls.append(1)
+        loss = real_forward_backward(*args, **kwargs)
+        return loss + float("inf") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(train_module, "forward_backward", forward_backward)
+    train(tiny_train_config(tmp_path, "max_steps=3", "checkpoint.every_steps=1"))
+    _assert_same_tensors(load_model_state(tmp_path / "checkpoints" / "step-2"),
+                         load_model_state(tmp_path / "checkpoints" / "step-3"))
+    assert read_metrics(tmp_path)[-1]["train/nonfinite_steps"] == 1
+
+
+def test_repeated_non_finite_steps_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path):
+    with pytest.raises(NonFiniteLossError, match=r"steps 5-7 on rank\(s\) \[0\].*last good checkpoint: step-4"):
+        train(tiny_train_config(tmp_path, "fault.nan_at_steps=[5,6,7]"))
+    latest = ckpt.find_latest(tmp_path / "checkpoints")
+    assert latest.name == "step-4"
+    assert all(torch.isfinite(t).all() for t in load_model_state(latest).values())
+
+
+def test_resume_never_refuses_a_run_dir_with_checkpoints_and_changes_nothing(tmp_path, reference_run):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_run[0], run_dir)
+    before = _digest_tree(run_dir)
+    with pytest.raises(ConfigError, match=rf"run dir {run_dir} already has checkpoints up to step 12"):
+        train(tiny_train_config(run_dir, "checkpoint.resume=never"))
+    assert _digest_tree(run_dir) == before
+
+
+def test_resume_with_a_path_that_does_not_exist_names_the_flag(tmp_path):
+    with pytest.raises(ConfigError, match="checkpoint.resume=/nonexistent/step-4: no such checkpoint"):
+        train(tiny_train_config(tmp_path, "checkpoint.resume=/nonexistent/step-4"))
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_resume_refuses_semantic_config_changes_unless_allowed(tmp_path, reference_run, caplog):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_run[0], run_dir)
+    with pytest.raises(ConfigError, match="global_batch_size: 16 -> 32"):
+        train(tiny_train_config(run_dir, "global_batch_size=32"))
+    with caplog.at_level(logging.INFO, logger="clip.train"):
+        train(tiny_train_config(run_dir, "global_batch_size=32", "checkpoint.allow_config_change=[global_batch_size]"))
+        assert "accepted config changes: global_batch_size: 16 -> 32" in caplog.text
+        train(tiny_train_config(run_dir, "log.every_steps=5"))
+        assert "changed settings: log.every_steps: 1 -> 5" in caplog.text
+
+
+def test_resume_from_another_runs_checkpoint_then_from_its_own(tmp_path, reference_run, caplog):
+    source = reference_run[0] / "checkpoints" / "step-8"
+    with caplog.at_level(logging.INFO, logger="clip.train"):
+        result = train(tiny_train_config(tmp_path, f"checkpoint.resume={source}"))
+    assert f"resuming from {source} at step 8" in caplog.text
+    assert result.step == 12
+    _assert_same_tensors(load_model_state(tmp_path / "checkpoints" / "step-12"),
+                         load_model_state(reference_run[0] / "checkpoints" / "step-12"))
+
+
+def test_logit_scale_is_clamped_after_every_step_and_on_load(tmp_path, reference_run, caplog):
+    train(tiny_train_config(tmp_path / "a", "model.init_logit_scale=10.0", "optim.lr=10", "optim.warmup_steps=0",
+                            "max_steps=1", "optim.grad_clip_norm=0"))
+    ln_100 = torch.tensor(MAX_LOGIT_SCALE).item()  # in float32, the parameter's precision
+    state = load_model_state(tmp_path / "a" / "checkpoints" / "step-1")
+    assert state["logit_scale"].item() <= ln_100
+
+    # A checkpoint whose logit_scale is 7 (written by other code) is clamped when it is loaded.
+    source = reference_run[0] / "checkpoints" / "step-12"
+    train_state, rank_state = ckpt.load_checkpoint(source, rank=0)
+    train_state["model"]["logit_scale"] = torch.tensor(7.0)
+    ckpt.save_checkpoint(tmp_path / "b" / "checkpoints", 12, train_state, rank_state, rank=0, keep_last=2,
+                         manifest_extra={})
+    with caplog.at_level(logging.WARNING, logger="clip.train"):
+        train(tiny_train_config(tmp_path / "b", "max_steps=13", "checkpoint.allow_config_change=[max_steps]"))
+    assert "logit_scale 7.0000 is outside [0, ln 100]: clamped" in caplog.text
+    assert load_model_state(tmp_path / "b" / "checkpoints" / "step-13")["logit_scale"].item() <= ln_100
+
+
+def test_a_locked_tower_does_not_change(tmp_path):
+    train(tiny_train_config(tmp_path, "lock_image=true", "max_steps=2", "checkpoint.every_steps=1"))
+    first, last = (load_model_state(tmp_path / "checkpoints" / f"step-{s}") for s in (1, 2))
+    visual = [key for key in first if key.startswith("visual.")]
+    assert visual and all(torch.equal(first[key], last[key]) for key in visual)
+    assert not torch.equal(first["text_projection"], last["text_projection"])
+
+
+def test_weight_decay_spares_gains_biases_class_token_and_temperature():
+    from clip.config import OptimConfig
+    from clip.models import CLIP, get_model_config
+
+    model = CLIP(get_model_config("tiny-vit"))
+    decay, no_decay, scalars = build_optimizer(model, OptimConfig(weight_decay=0.2)).param_groups
+    names = {id(p): name for name, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    spared = {names[id(p)] for p in no_decay["params"] + scalars["params"]}
+    assert decay["weight_decay"] == 0.2 and no_decay["weight_decay"] == scalars["weight_decay"] == 0.0
+    assert {"logit_scale", "visual.class_embedding", "ln_final.weight", "ln_final.bias",
+            "visual.transformer.resblocks.0.attn.in_proj_bias"} <= spared
+    assert {"visual.positional_embedding", "positional_embedding", "token_embedding.weight", "visual.conv1.weight",
+            "text_projection", "visual.proj"} <= decayed
+    assert len(decayed) + len(spared) == len(list(model.parameters()))
+
+
+def test_lr_schedule_warms_up_linearly_then_follows_a_cosine():
+    from clip.config import OptimConfig
+
+    cfg = OptimConfig(lr=1.0, warmup_steps=10, min_lr=0.1)
+    assert get_lr(1, cfg, 110) == pytest.approx(0.1) and get_lr(10, cfg, 110) == pytest.approx(1.0)
+    assert get_lr(11, cfg, 110) == pytest.approx(1.0)
+    assert get_lr(61, cfg, 110) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert get_lr(111, cfg, 110) == pytest.approx(0.1)
+    assert 0.1 < get_lr(110, cfg, 110) < 0.101
+    assert get_lr(50, OptimConfig(lr=1.0, warmup_steps=10, schedule="constant"), 110) == 1.0
+
+
+def test_tracker_failures_never_change_training(tmp_path, reference_run, caplog):
+    class FailingInit:
+        def __init__(self, **kwargs):
+            raise ConnectionError("no network")
+
+    class FailingLog:
+        def __init__(self, **kwargs):
+            self.calls = 0
+
+        def log(self, metrics, step):
+            if step == 3:
+                raise RuntimeError("server error")
+            if step == 5:
+                import time
+
+                time.sleep(600)  # a hung tracker: the trainer must not wait for it
+
+        def finish(self):
+            pass
+
+    for name, tracker in [("init", FailingInit), ("log", FailingLog)]:
+        run_dir = tmp_path / name
+        with caplog.at_level(logging.WARNING, logger="clip.logger"):
+            original = train_module.MetricsLogger.__init__
+
+            def init_with_fake(self, *args, tracker=tracker, **kwargs):
+                original(self, *args, tracker_factory=tracker, **kwargs)
+
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(train_module.MetricsLogger, "__init__", init_with_fake)
+                patch.setattr("clip.logger._CLOSE_TIMEOUT_S", 1.0)
+                train(tiny_train_config(run_dir, "log.wandb=offline"))
+        assert [e["step"] for e in read_metrics(run_dir) if "train/loss" in e] == list(range(1, 13))
+        _assert_same_tensors(load_model_state(run_dir / "checkpoints" / "step-12"),
+                             load_model_state(reference_run[0] / "checkpoints" / "step-12"))
+    assert "tracker init failed (ConnectionError: no network)" in caplog.text
+    assert "tracker log failed 1 time(s): RuntimeError: server error" in caplog.text
+
+
+def test_no_secret_from_the_environment_reaches_the_run_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "sk-test-XYZ")
+    logged_configs = []
+
+    class RecordingTracker:
+        def __init__(self, **kwargs):
+            logged_configs.append(repr(kwargs))
+
+        def log(self, metrics, step):
+            pass
+
+        def finish(self):
+            pass
+
+    original = train_module.MetricsLogger.__init__
+    monkeypatch.setattr(train_module.MetricsLogger, "__init__",
+                        lambda self, *a, **k: original(self, *a, tracker_factory=RecordingTracker, **k))
+    train(tiny_train_config(tmp_path, "log.wandb=offline", "max_steps=2"))
+    assert logged_configs and "sk-test-XYZ" not in logged_configs[0]
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert b"sk-test-XYZ" not in path.read_bytes(), path
+
+
+def test_batch_plan_is_derived_from_the_global_batch(tmp_path):
+    from clip.config import get_batch_plan
+
+    cfg = tiny_train_config(tmp_path, "global_batch_size=32", "micro_batch_size=4")
+    assert get_batch_plan(cfg, world_size=2) == (16, 4)
+    with pytest.raises(ConfigError, match="global_batch_size=32 is not divisible by the world size 3"):
+        get_batch_plan(cfg, world_size=3)
+    with pytest.raises(ConfigError, match="micro_batch_size=4 does not divide the per-device batch 2"):
+        get_batch_plan(cfg, world_size=16)
+    assert math.isfinite(MAX_LOGIT_SCALE)
+
+
+def test_the_export_loads_with_clip_load_and_holds_the_final_weights(reference_run):
+    run_dir, _ = reference_run
+    model, _ = clip.load(str(run_dir / "model.safetensors"), device="cpu")
+    final = load_model_state(run_dir / "checkpoints" / "step-12")
+    _assert_same_tensors({key: value for key, value in model.state_dict().items()}, final)
+
+
+def test_init_from_starts_a_new_run_and_is_ignored_when_resuming(tmp_path, reference_run, caplog):
+    export = reference_run[0] / "model.safetensors"
+    with caplog.at_level(logging.INFO, logger="clip.train"):
+        train(tiny_train_config(tmp_path, f"checkpoint.init_from={export}", "max_steps=1", "optim.lr=1e-9",
+                                "optim.warmup_steps=0"))
+        assert f"initialised weights from export {export}" in caplog.text
+        started = load_model_state(tmp_path / "checkpoints" / "step-1")
+        for key, value in load_model_state(reference_run[0] / "checkpoints" / "step-12").items():
+            torch.testing.assert_close(started[key], value, rtol=0, atol=1e-6)
+        train(tiny_train_config(tmp_path, f"checkpoint.init_from={export}", "max_steps=1", "optim.lr=1e-9",
+                                "optim.warmup_steps=0"))
+        assert "at step 1 (init_from ignored)" in caplog.text
+
+
+def test_init_from_another_architecture_fails_before_loading_tensors(tmp_path, reference_run):
+    source = reference_run[0] / "checkpoints" / "step-12"
+    with pytest.raises(CheckpointMismatchError, match=r"model.vision.width=64.*current config has 128"):
+        train(tiny_train_config(tmp_path, f"checkpoint.init_from={source}", "model.vision.width=128"))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_runs_train(tmp_path, precision):
+    train(tiny_train_config(tmp_path, f"precision={precision}", "max_steps=4", "deterministic=false"))
+    events = [e for e in read_metrics(tmp_path) if "train/loss" in e]
+    assert all(math.isfinite(e["train/loss"]) for e in events) and events[-1]["train/loss"] < events[0]["train/loss"]
+    assert ("train/loss_scale" in events[-1]) == (precision == "fp16")
+
+
+def test_activation_checkpointing_does_not_change_the_result(tmp_path, reference_run):
+    train(tiny_train_config(tmp_path, "grad_checkpointing=true"))
+    _assert_same_tensors(load_model_state(tmp_path / "checkpoints" / "step-12"),
+                         load_model_state(reference_run[0] / "checkpoints" / "step-12"))
+
+
+def test_the_siglip_recipe_trains_its_bias(tmp_path):
+    train(tiny_train_config(tmp_path, "loss=siglip", "max_steps=4", "checkpoint.every_steps=1"))
+    events = [e for e in read_metrics(tmp_path) if "train/loss" in e]
+    assert events[-1]["train/loss"] < events[0]["train/loss"]
+    before, after = (load_model_state(tmp_path / "checkpoints" / f"step-{s}") for s in (3, 4))
+    assert before["logit_bias"].item() != after["logit_bias"].item()

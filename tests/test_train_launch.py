@@ -1,0 +1,211 @@
+"""The real entry point under process control: SIGKILL and relaunch, SIGTERM, failing and hanging ranks.
+
+Every run is a subprocess (`python scripts/train.py ...` or `torchrun ...`) on small synthetic
+WebDataset shards; a crashed run is relaunched with the same command, as SLURM or Kubernetes would
+(RELIABILITY.md G1, G2, G6, G10, G13). Fault hooks (`fault.*`) put each failure at an exact step or
+checkpoint phase.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from clip.checkpoint import find_latest
+from clip.data.synthetic import write_train_shards
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = str(ROOT / "scripts" / "train.py")
+BASE = [
+    "model=tiny-vit",
+    "model.text.context_length=16",
+    "global_batch_size=16",
+    "precision=fp32",
+    "num_threads=1",
+    "deterministic=true",
+    "optim.lr=1e-3",
+    "optim.warmup_steps=2",
+    "log.every_steps=1",
+    "checkpoint.export=false",
+    "data.num_workers=1",
+    "dist.timeout_s=30",
+]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> str:
+    """8 shards of 40 captioned 32-pixel images: enough for 2 ranks x 1 worker, 20 steps per epoch."""
+    return write_train_shards(str(tmp_path_factory.mktemp("shards")), num_samples=320, samples_per_shard=40,
+                              image_size=32, seed=0)
+
+
+def run(overrides: list[str], *, nproc: int = 0, timeout: float = 120, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """scripts/train.py in a fresh process (under torchrun with `nproc` workers when nproc > 0)."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc else [sys.executable]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONFAULTHANDLER": "1"}
+    return subprocess.run([*launcher, SCRIPT, *overrides], env=env, capture_output=True, text=True, timeout=timeout,
+                          cwd=cwd)
+
+
+def train_args(shards: str, run_dir: Path, *extra: str) -> list[str]:
+    return [*BASE, f"data.train_shards='{shards}'", f"output_dir={run_dir}", *extra]
+
+
+def losses_by_step(run_dir: Path) -> dict[int, float]:
+    """The last logged loss of every step (a resumed run re-logs the steps after its checkpoint)."""
+    losses = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        event = json.loads(line)
+        if "train/loss" in event:
+            losses[event["step"]] = event["train/loss"]
+    return losses
+
+
+def assert_bitwise_equal_checkpoints(a: Path, b: Path) -> None:
+    state_a, state_b = (torch.load(p / "train_state.pt", weights_only=True) for p in (a, b))
+    assert state_a["counters"] == state_b["counters"]
+    for key, value in state_a["model"].items():
+        assert torch.equal(value, state_b["model"][key]), key
+    optim_a, optim_b = state_a["optimizer"]["state"], state_b["optimizer"]["state"]
+    assert optim_a.keys() == optim_b.keys()
+    for name in optim_a:
+        for key, value in optim_a[name].items():
+            assert torch.equal(value, optim_b[name][key]), (name, key)
+    for rank_file in sorted(p.name for p in a.glob("rank-*.pt")):
+        rank_a, rank_b = (torch.load(p / rank_file, weights_only=True) for p in (a, b))
+        assert rank_a["data"] == rank_b["data"], rank_file
+        assert torch.equal(rank_a["rng"]["torch"], rank_b["rng"]["torch"]), rank_file
+
+
+def test_sigkill_anywhere_then_relaunch_is_bitwise_equal_to_an_uninterrupted_run(shards, tmp_path):
+    kill_step = random.Random().randint(8, 20)
+    print(f"killing after step {kill_step}")  # reproducible: rerun with this value if it fails
+    common = ["max_steps=30", "checkpoint.every_steps=7"]
+    reference = tmp_path / "reference"
+    assert run(train_args(shards, reference, *common)).returncode == 0
+    # (faults, the checkpoint a relaunch must resume from, a stale tmp directory it must remove)
+    crashes = {
+        "between_steps": ([f"fault.kill_at_step={kill_step}"], kill_step // 7 * 7, None),
+        "writing_files": (["fault.kill_in_save_at_step=28"], 21, "step-28.tmp"),
+        "before_rename": (["fault.kill_in_save_at_step=14", "fault.kill_in_save_phase=before_rename"], 7, "step-14.tmp"),
+    }
+    for name, (faults, resume_step, stale) in crashes.items():
+        run_dir = tmp_path / name
+        first = run(train_args(shards, run_dir, *common, *faults))
+        assert first.returncode == -signal.SIGKILL, (name, first.stderr)
+        assert find_latest(run_dir / "checkpoints").name == f"step-{resume_step}", name
+        assert (run_dir / "checkpoints" / "latest").read_text() == f"step-{resume_step}"
+        assert stale is None or (run_dir / "checkpoints" / stale).is_dir(), name
+        resumed = run(train_args(shards, run_dir, *common))
+        assert resumed.returncode == 0, (name, resumed.stderr)
+        assert f"at step {resume_step}" in resumed.stderr, name
+        assert not list((run_dir / "checkpoints").glob("*.tmp")), name
+        assert_bitwise_equal_checkpoints(reference / "checkpoints" / "step-30", run_dir / "checkpoints" / "step-30")
+        assert losses_by_step(run_dir) == losses_by_step(reference), name
+
+
+@pytest.mark.slow
+def test_killing_one_torchrun_rank_then_relaunching_is_bitwise_equal(shards, tmp_path):
+    common = ["max_steps=20", "checkpoint.every_steps=6"]
+    reference = tmp_path / "reference"
+    assert run(train_args(shards, reference, *common), nproc=2).returncode == 0
+    killed = tmp_path / "killed"
+    first = run(train_args(shards, killed, *common, "fault.kill_at_step=9", "fault.rank=1"), nproc=2)
+    assert first.returncode != 0
+    resumed = run(train_args(shards, killed, *common), nproc=2)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_bitwise_equal_checkpoints(reference / "checkpoints" / "step-20", killed / "checkpoints" / "step-20")
+    assert losses_by_step(killed) == losses_by_step(reference)
+
+
+def test_sigterm_writes_a_checkpoint_of_the_last_step_and_exits_143(shards, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen([sys.executable, SCRIPT, *train_args(shards, tmp_path, "max_steps=100000")],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.monotonic() + 90
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert process.poll() is None and time.monotonic() < deadline, "the run did not start"
+        time.sleep(0.2)
+    # SIGUSR1 to a data-loader worker (a forked child that inherits the handler) must not stop
+    # training. (torch's workers exit on SIGTERM: see docs/training.md.)
+    workers = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+    assert workers
+    for worker in workers:
+        os.kill(int(worker), signal.SIGUSR1)
+    steps_before = len(metrics.read_text().splitlines())
+    while len(metrics.read_text().splitlines()) < steps_before + 3:
+        assert process.poll() is None and time.monotonic() < deadline + 60, "training stopped"
+        time.sleep(0.2)
+    sent = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143, stderr
+    assert time.monotonic() - sent < 10
+    last_logged = max(losses_by_step(tmp_path))
+    assert find_latest(tmp_path / "checkpoints").name == f"step-{last_logged}"
+    resumed = run(train_args(shards, tmp_path, f"max_steps={last_logged + 2}",
+                             "checkpoint.allow_config_change=[max_steps]"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"at step {last_logged}" in resumed.stderr
+
+
+def test_sigterm_to_one_torchrun_rank_stops_all_ranks_at_the_same_step(shards, tmp_path):
+    start = time.monotonic()
+    result = run(train_args(shards, tmp_path, "max_steps=100", "fault.signal_at_step=4", "fault.rank=1"), nproc=2)
+    assert result.returncode != 0 and time.monotonic() - start < 90
+    assert result.stderr.count("exitcode  : 143") >= 1 or "143" in result.stderr
+    latest = find_latest(tmp_path / "checkpoints")
+    assert latest.name == "step-4" and {p.name for p in latest.glob("rank-*.pt")} == {"rank-0.pt", "rank-1.pt"}
+    assert "Timeout" not in result.stderr  # no rank waited for a collective
+
+
+def test_a_non_finite_loss_on_one_rank_is_skipped_on_all(shards, tmp_path):
+    # The run ends at step 5, so that step is checkpointed (a skipped step is not, periodically).
+    result = run(train_args(shards, tmp_path, "max_steps=5", "checkpoint.every_steps=1", "checkpoint.keep_last=10",
+                            "fault.nan_at_steps=[5]", "fault.rank=1"), nproc=2)
+    assert result.returncode == 0, result.stderr
+    states = [torch.load(tmp_path / "checkpoints" / f"step-{s}" / "train_state.pt", weights_only=True) for s in (4, 5)]
+    for key, value in states[0]["model"].items():
+        assert torch.equal(value, states[1]["model"][key]), key
+    assert states[1]["counters"]["nonfinite_steps"] == 1
+    assert "non-finite loss or gradient on rank(s) [1]" in result.stderr
+
+    stopped = tmp_path / "stopped"
+    start = time.monotonic()
+    result = run(train_args(shards, stopped, "max_steps=20", "checkpoint.every_steps=2",
+                            "fault.nan_at_steps=[5,6,7]", "fault.rank=1"), nproc=2)
+    assert result.returncode != 0 and time.monotonic() - start < 60
+    assert "steps 5-7 on rank(s) [1]" in result.stderr and "exitcode  : 3" in result.stderr
+    latest = find_latest(stopped / "checkpoints")
+    assert latest.name == "step-4"
+    state = torch.load(latest / "train_state.pt", weights_only=True)
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+def test_a_failing_rank_fails_the_job_fast_with_the_root_cause(shards, tmp_path):
+    start = time.monotonic()
+    result = run(train_args(shards, tmp_path, "max_steps=100", "fault.raise_at_step=3", "fault.rank=1"), nproc=2)
+    assert result.returncode != 0 and time.monotonic() - start < 60
+    assert "Root Cause" in result.stderr and "rank      : 1" in result.stderr
+    assert "out of memory on rank 1 at step 3" in result.stderr and "grad_checkpointing=true" in result.stderr
+
+
+@pytest.mark.slow
+def test_a_hung_rank_is_detected_by_the_watchdog(shards, tmp_path):
+    sleep_line = next(number for number, line in enumerate((ROOT / "clip" / "train.py").read_text().splitlines(), 1)
+                      if "time.sleep(cfg.fault.sleep_s)" in line)
+    start = time.monotonic()
+    result = run(train_args(shards, tmp_path, "max_steps=100", "fault.sleep_at_step=3", "fault.rank=1",
+                            "fault.sleep_s=120", "dist.watchdog_s=10"), nproc=2)
+    assert result.returncode != 0 and time.monotonic() - start < 60
+    assert "Timeout (0:00:10)!" in result.stderr and f'train.py", line {sleep_line} in train' in result.stderr
