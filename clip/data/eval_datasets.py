@@ -38,7 +38,7 @@ from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, default_collate, get_worker_info
 
 from clip.config import DataConfig
-from clip.data.decode import ImageDecodeError, decode_image
+from clip.data.decode import decode_image
 from clip.data.records import IMAGE_EXTENSIONS, SkipEvent
 from clip.data.sources import expand_pattern, is_pipe
 from clip.data.tar_reader import MemberGroup, iter_member_groups
@@ -370,7 +370,7 @@ class TarEvalDataset(IterableDataset):
             target = int(text.strip()) if self.target == "cls" else [line for line in text.split("\n") if line]
             if not target and self.target == "txt":
                 raise ValueError("no captions")
-        except (ImageDecodeError, ValueError) as error:  # UnicodeDecodeError is a ValueError
+        except ValueError as error:  # ImageDecodeError, a label that is not an int, UnicodeDecodeError
             log.warning("eval shard %s: sample %r is unreadable (%s); skipped", shard, group.key, error)
             return None
         return self.transform(image), target
