@@ -63,8 +63,13 @@ def local_path(url: str) -> str:
     return url[len(FILE_PREFIX) :] if url.startswith(FILE_PREFIX) else url
 
 
-def _expand(pattern: str) -> list[str]:
-    from webdataset.shardlists import expand_urls  # brace expansion ({000..099}), no I/O
+def expand_pattern(pattern: str) -> list[str]:
+    """Shard names from a brace pattern: `/data/{000..099}.tar` -> 100 names, no I/O.
+
+    The one expansion of the project (training specs and list files, manifests, eval shards), with
+    webdataset's rules, as in OpenCLIP: `::` also separates patterns, `${NAME}` is `$WDS_NAME`.
+    """
+    from webdataset.shardlists import expand_urls
 
     return list(expand_urls(pattern))
 
@@ -94,7 +99,7 @@ def _check_url(url: str, origin: str, cfg: DataConfig) -> None:
 def _tar_urls(spec: str, cfg: DataConfig) -> list[tuple[str, str]]:
     """(url, origin) pairs of one source: brace patterns, and `.txt` list files expanded in place."""
     result = []
-    for pattern in _expand(spec):
+    for pattern in expand_pattern(spec):
         path = local_path(pattern)
         if not is_pipe(pattern) and path.endswith(LIST_SUFFIXES):
             if not os.path.isfile(path):
@@ -105,7 +110,7 @@ def _tar_urls(spec: str, cfg: DataConfig) -> list[tuple[str, str]]:
             for line in lines:
                 if not line or line.startswith("#"):
                     continue
-                for url in _expand(line):
+                for url in expand_pattern(line):
                     _check_url(url, f"data.train_shards ({path})", cfg)
                     if "://" not in url and not os.path.isabs(url):
                         url = os.path.join(base, url)
