@@ -71,7 +71,10 @@ def expand_pattern(pattern: str) -> list[str]:
     """
     from webdataset.shardlists import expand_urls
 
-    return list(expand_urls(pattern))
+    try:
+        return list(expand_urls(pattern))
+    except AssertionError as error:  # webdataset asserts on an unset ${NAME}: say which and how to set it
+        raise ValueError(f"cannot expand shard pattern {pattern!r}: {error} (set WDS_<NAME> for ${{NAME}})") from None
 
 
 def _check_url(url: str, origin: str, cfg: DataConfig) -> None:
@@ -96,10 +99,17 @@ def _check_url(url: str, origin: str, cfg: DataConfig) -> None:
         )
 
 
+def _expand_config_pattern(pattern: str, origin: str) -> list[str]:
+    try:
+        return expand_pattern(pattern)
+    except ValueError as error:
+        raise DataConfigError(f"{origin}: {error}") from None
+
+
 def _tar_urls(spec: str, cfg: DataConfig) -> list[tuple[str, str]]:
     """(url, origin) pairs of one source: brace patterns, and `.txt` list files expanded in place."""
     result = []
-    for pattern in expand_pattern(spec):
+    for pattern in _expand_config_pattern(spec, "data.train_shards"):
         path = local_path(pattern)
         if not is_pipe(pattern) and path.endswith(LIST_SUFFIXES):
             if not os.path.isfile(path):
@@ -110,7 +120,7 @@ def _tar_urls(spec: str, cfg: DataConfig) -> list[tuple[str, str]]:
             for line in lines:
                 if not line or line.startswith("#"):
                     continue
-                for url in expand_pattern(line):
+                for url in _expand_config_pattern(line, f"data.train_shards ({path})"):
                     _check_url(url, f"data.train_shards ({path})", cfg)
                     if "://" not in url and not os.path.isabs(url):
                         url = os.path.join(base, url)
