@@ -294,7 +294,7 @@ class CheckpointConfig:
     init_from: str = ""
     # Config keys (e.g. "global_batch_size") whose change is accepted on resume.
     allow_config_change: list[str] = field(default_factory=list)
-    export: bool = True  # write `<output_dir>/export/` for `clip.load` at the end
+    export: bool = True  # write `<output_dir>/model.safetensors` for `clip.load` at the end
 
 
 @dataclass
@@ -351,7 +351,7 @@ class TrainConfig:
     """One training run. The global batch is the one batch-size setting; per-device batch and
     GradCache micro-batches are derived from it and the world size."""
 
-    output_dir: str = "???"  # run directory: config.yaml, metrics.jsonl, checkpoints/, export/
+    output_dir: str = "???"  # run directory: config.yaml, metrics.jsonl, checkpoints/, model.safetensors
     seed: int = 0
     global_batch_size: int = 256
     # Per-device micro-batch for GradCache accumulation; 0: the whole per-device batch at once.

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
@@ -27,6 +28,13 @@ from clip.models.registry import get_model_config, list_models
 
 # A key's last segment that names a credential (S6): such keys are refused, never stored or echoed.
 SECRET_KEY_PATTERN = re.compile(r"(?i)(^|[_-])(api[_-]?key|access[_-]?key|token|secret|password|passwd|credentials?)$")
+
+# Hydra sweeps would run jobs without the up-front checks (G15) and write every override to
+# multirun.yaml (S6); one launch per setting is as easy and keeps both guarantees.
+MULTIRUN_REFUSED = (
+    "Hydra multirun (-m, hydra.mode=MULTIRUN) is not supported: launch one run per setting instead, each with "
+    "its own output_dir (a shell loop, or a SLURM job array)"
+)
 
 
 def register_configs() -> None:
@@ -76,6 +84,8 @@ def compose_train_config(config_dir: str | Path, overrides: Sequence[str] = (), 
             cfg = compose(config_name, overrides=list(overrides), return_hydra_config=True)
     except Exception as error:  # Hydra and OmegaConf raise several unrelated types
         raise explain_config_error(error) from None
+    if cfg.hydra.mode == RunMode.MULTIRUN:
+        raise ConfigError(MULTIRUN_REFUSED)
     model_choice = cfg.hydra.runtime.choices.get("model")
     with open_dict(cfg):
         del cfg["hydra"]

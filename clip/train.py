@@ -346,6 +346,9 @@ def train(cfg: TrainConfig) -> TrainResult:
         metrics_logger.close()
     barrier()
     destroy_distributed()
+    if is_main and not preempted:
+        for eval_set in eval_sets:  # the run's result, last and plain (the README's first command ends here)
+            print(_final_line(eval_set.name, len(eval_set.classnames), eval_metrics), flush=True)
     return TrainResult(step=counters.step, preempted=preempted, output_dir=run_dir, metrics=eval_metrics)
 
 
@@ -687,7 +690,8 @@ def _next_batch(data_iter, loader, interval: "_Interval") -> tuple[dict | None, 
 class StopRequest:
     """SIGTERM / SIGUSR1 set a flag (no I/O, no collectives in the handler); the loop acts on it at
     the next step boundary, on every rank at the same step (G6). DataLoader workers forked from this
-    process inherit the handler but ignore the signal (`os.getpid()` differs)."""
+    process inherit the handler but ignore the signal (`os.getpid()` differs); for SIGTERM, torch
+    replaces it in workers, and clip.data.worker_signals makes them ignore it again."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -786,6 +790,11 @@ def _get_mfu_inputs(cfg: TrainConfig, model_config: ModelConfig, device: torch.d
 
 def _eval_line(step: int, metrics: dict[str, float]) -> str:
     return f"step {step} zero-shot: " + ", ".join(f"{key} {value:.4g}" for key, value in sorted(metrics.items()))
+
+
+def _final_line(name: str, num_classes: int, metrics: dict[str, float]) -> str:
+    return (f"final zero-shot top-1 on {name}: {metrics[f'eval/{name}_top1']:.3f} "
+            f"(chance {1 / num_classes:.3f}, {num_classes} classes)")
 
 
 def _skip_metrics(skipped: Counter, device: torch.device) -> dict[str, float]:

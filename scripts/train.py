@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from clip.config import ConfigError
-from clip.hydra_config import compose_train_config, register_configs, to_train_config
+from clip.hydra_config import MULTIRUN_REFUSED, compose_train_config, register_configs, to_train_config
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 EXIT_CONFIG_ERROR = 2
@@ -51,10 +51,12 @@ def main(cfg: DictConfig) -> None:
 
 def check_overrides(argv: list[str]) -> None:
     """Compose once before Hydra runs, so that a typo exits 2 with the key (and the nearest valid key)
-    instead of Hydra's generic exit 1. Sweeps (-m) and config printing (--cfg, --help, --info) are left
-    to Hydra."""
+    instead of Hydra's generic exit 1, and nothing is written. Sweeps (-m) are refused (see
+    MULTIRUN_REFUSED); config printing (--cfg, --help, --info) is left to Hydra."""
     args = get_args_parser().parse_args(argv)
-    if args.multirun or args.cfg or args.help or args.hydra_help or args.info or args.config_dir or args.config_path:
+    if args.multirun:
+        _exit_config_error(ConfigError(MULTIRUN_REFUSED))
+    if args.cfg or args.help or args.hydra_help or args.info or args.config_dir or args.config_path:
         return
     try:
         compose_train_config(CONFIG_DIR, args.overrides, config_name=args.config_name or "train")

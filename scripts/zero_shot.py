@@ -2,29 +2,32 @@
 
     # ImageNet-1k zero-shot (val/ as class directories named by WordNet id; OpenAI's names and 80 templates)
     python scripts/zero_shot.py --model ViT-B/32 --data /data/imagenet/val
-    # a training run (loads <run>/export/), on the synthetic held-out set and CIFAR-10 test
-    python scripts/zero_shot.py --model runs/smoke --data data/synthetic/heldout /data/cifar10
+    # a training run (loads its export <run>/model.safetensors), on the synthetic held-out set and CIFAR-10 test
+    python scripts/zero_shot.py --model runs/smoke --data data/synthetic/zeroshot /data/cifar10
     # COCO 5k retrieval (Karpathy test split)
     python scripts/zero_shot.py --task retrieval --model ViT-B/32 --data dataset_coco.json --images /data/coco
     # linear probe on CIFAR-100 (train split to fit, test split to score)
     python scripts/zero_shot.py --task linear-probe --model ViT-B/32 --data /data/cifar100
 
-`--model` is anything `clip.load` accepts (a name, a checkpoint, an export directory) or a training
-run directory. `--data` formats are listed in clip/data/eval_datasets.py. Results are printed as a
-table and written to `--output` as JSON (fractions in [0, 1], as CLIP_benchmark writes them).
+`--model` is anything `clip.load` accepts (a name, a checkpoint, an export) or a training run
+directory. A run evaluated with its own precision (`--precision bf16` for the trainer's default)
+gives the numbers the trainer logged: the same weights, tokenizer, eval transform and code.
+`--data` formats are listed in clip/data/eval_datasets.py. Results are printed as a table and
+written to `--output` as JSON (fractions in [0, 1], as CLIP_benchmark writes them).
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
 
 from clip.data.eval_datasets import load_classification_set, load_retrieval_set
+from clip.tokenizer import get_tokenizer
 from clip.zero_shot import evaluate, evaluate_linear_probe
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -51,10 +54,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def resolve_model(name_or_path: str) -> str:
-    """A training run directory means its inference export, `<run>/export/`; anything else goes to
-    `clip.load` unchanged."""
-    export = Path(name_or_path) / "export"
-    return str(export) if export.is_dir() else name_or_path
+    """A training run directory means the export the trainer writes when training ends,
+    `<run>/model.safetensors`; anything else goes to `clip.load` unchanged."""
+    from clip.train import EXPORT_NAME
+
+    run_dir = Path(name_or_path)
+    if (run_dir / EXPORT_NAME).is_file():
+        return str(run_dir / EXPORT_NAME)
+    if (run_dir / "checkpoints").is_dir():
+        raise FileNotFoundError(
+            f"{run_dir} is a training run without {EXPORT_NAME}: the trainer writes it when training ends "
+            f"(not when stopped early, nor with checkpoint.export=false); evaluate a finished run"
+        )
+    return name_or_path
 
 
 def format_table(results: dict[str, dict[str, float]]) -> str:
@@ -78,13 +90,17 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     args = parse_args(argv)
     import clip
 
-    model_path = resolve_model(args.model)
-    model, preprocess = clip.load(model_path, device=args.device)
+    try:
+        model_path = resolve_model(args.model)
+        model, preprocess = clip.load(model_path, device=args.device)
+    except FileNotFoundError as error:
+        sys.exit(f"error: --model {args.model}: {error}")
     # clip.load casts to fp16 off the CPU, as OpenAI's does; evaluate fp32 weights, with autocast for
     # --precision bf16/fp16, which is how CLIP_benchmark and the trainer's eval run.
     model = model.float().eval()
-    # Long captions are cut at the model's context length, as CLIP_benchmark's tokenizer does.
-    tokenize = functools.partial(clip.tokenize, context_length=model.context_length, truncate=True)
+    # The model's own tokenizer, as in training; long captions are cut at its context length, as
+    # CLIP_benchmark's tokenizer does.
+    tokenize = get_tokenizer(model.config.text)
     options = dict(
         batch_size=args.batch_size,
         num_workers=args.workers,

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from clip.models import CLIP, get_model_config
+from tests.data_shards import add_member
 
 IMAGE_SIZE = 40  # larger than tiny-vit's 32 so the eval transform really resizes and crops
 
@@ -87,9 +88,7 @@ def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
     """A tar of regular-file members, in the given order (WebDataset groups consecutive keys)."""
     with tarfile.open(path, "w") as tar:
         for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+            add_member(tar, name, data)
     return path
 
 

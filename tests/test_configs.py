@@ -105,6 +105,18 @@ def test_the_entry_point_exits_2_before_any_side_effect(tmp_path, override, key)
     assert list(tmp_path.iterdir()) == []  # no run directory, no .hydra/
 
 
+def test_multirun_is_refused_before_hydra_writes_anything(tmp_path):
+    # A sweep would skip the up-front checks and write every override, a secret too, to multirun.yaml.
+    result = _run_entry_point("-m", "+experiment=vit_b32", "output_dir=run", "data.train_shards=x",
+                              "optim.lr=1e-3,2e-3", "+wandb.api_key=abc", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "multirun (-m, hydra.mode=MULTIRUN) is not supported: launch one run per setting" in result.stderr
+    assert "abc" not in result.stdout + result.stderr
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ConfigError, match=r"multirun .* is not supported"):
+        compose_train_config(CONFIG_DIR, [f"output_dir={tmp_path}", "data.train_shards=x", "hydra.mode=MULTIRUN"])
+
+
 def test_cfg_job_prints_the_composed_config(tmp_path):
     result = _run_entry_point("+experiment=vit_l14", "--cfg", "job", cwd=tmp_path)
     assert result.returncode == 0, result.stderr

@@ -118,3 +118,10 @@ def test_csv_columns_are_checked(tmp_path):
     with pytest.raises(DataConfigError, match=r"data\.csv_image_key='filepath' is not a column of .*pairs\.tsv"):
         check_train_data(DataConfig(train_shards=str(table)), world_size=1)
     check_train_data(DataConfig(train_shards=str(table), csv_image_key="path", csv_caption_key="caption"), world_size=1)
+
+
+def test_an_unset_pattern_variable_is_a_config_error_naming_the_key(tmp_path, monkeypatch):
+    monkeypatch.delenv("WDS_SHARD_ROOT", raising=False)
+    cfg = DataConfig(train_shards=str(tmp_path / "${SHARD_ROOT}" / "{000..001}.tar"))
+    with pytest.raises(DataConfigError, match=r"data\.train_shards: .*WDS_SHARD_ROOT"):
+        check_train_data(cfg, world_size=1)

@@ -61,6 +61,7 @@ def test_every_cut_point_is_detected_and_complete_samples_survive(tmp_path):
     # every header boundary, and points inside headers and data
     cuts = sorted({m[1] for m in members} | {m[1] + 100 for m in members} | {m[2] + 1 for m in members})
     cuts.append(end_of_members + 10)  # inside the last member's padding
+    cuts.append(-(-end_of_members // 512) * 512 + 512)  # between the two zero blocks of the end-of-archive marker
     silent_in_tarfile = 0
     for cut in cuts:
         path = str(tmp_path / f"cut{cut}.tar")

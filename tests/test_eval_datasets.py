@@ -13,6 +13,7 @@ import numpy as np
 import open_clip
 import pytest
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 
 from clip.data.eval_datasets import (
@@ -29,6 +30,7 @@ from clip.data.eval_datasets import (
 )
 from clip.transforms import image_transform_eval
 from clip.zero_shot import evaluate_zero_shot
+from tests.data_shards import add_member
 from tests.eval_fixtures import (  # noqa: F401
     classification_members,
     image_bytes,
@@ -38,6 +40,7 @@ from tests.eval_fixtures import (  # noqa: F401
     write_image_folder,
     write_tar,
 )
+from tests.payloads import SystemCallPayload
 
 TRANSFORM = image_transform_eval(32)
 
@@ -150,18 +153,10 @@ def test_cifar_reads_torchvision_local_format_like_torchvision(tmp_path, monkeyp
     assert len(eval_set.templates) == 18
 
 
-class _Payload:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_cifar_refuses_pickled_code(tmp_path):
     _write_cifar(tmp_path, False, np.random.default_rng(0))
     marker = tmp_path / "marker"
-    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(pickle.dumps({"data": _Payload(marker)}))
+    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(pickle.dumps({"data": SystemCallPayload(marker)}))
     with pytest.raises(pickle.UnpicklingError, match="refusing to unpickle posix.system"):
         CifarDataset(tmp_path, TRANSFORM)
     assert not marker.exists()
@@ -222,19 +217,15 @@ def test_tar_reader_skips_unsafe_and_broken_members(tmp_path, caplog):
     rng = np.random.default_rng(0)
     marker = tmp_path / "marker"
     good = classification_members(rng, [3], start=0)
-    with_pickle = classification_members(rng, [4], start=1) + [("000001.pyd", pickle.dumps(_Payload(marker)))]
+    with_pickle = classification_members(rng, [4], start=1) + [("000001.pyd", pickle.dumps(SystemCallPayload(marker)))]
     oversize = [("000003.png", b"\x89PNG" + bytes(20_000)), ("000003.cls", b"1")]
     corrupt = [("000004.jpg", os.urandom(500)), ("000004.cls", b"1")]
     last = classification_members(rng, [5], start=5)
     shard = write_tar(tmp_path / "shard.tar", good + with_pickle + oversize + corrupt)
     with tarfile.open(shard, "a") as tar:
-        link = tarfile.TarInfo("000002.jpg")
-        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
-        tar.addfile(link)
+        add_member(tar, "000002.jpg", b"", type=tarfile.SYMTYPE, linkname="/etc/passwd")
         for name, data in [("000002.cls", b"2"), ("../../evil.cls", b"7"), ("/abs/000006.cls", b"7")] + last:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+            add_member(tar, name, data)
     before = sorted(tmp_path.rglob("*"))
 
     dataset = TarEvalDataset(str(shard), TRANSFORM, "cls", max_member_bytes=16_000)
@@ -245,18 +236,37 @@ def test_tar_reader_skips_unsafe_and_broken_members(tmp_path, caplog):
     assert "'000003.png' of 20004 bytes" in log and "sample '000004' is unreadable" in log
 
 
-@pytest.mark.parametrize("cut", ["inside_a_member", "at_a_member_boundary"])
-def test_truncated_shard_is_an_error_naming_it(tmp_path, cut):
+def test_tar_images_are_decoded_as_jpeg_png_or_webp_only(tmp_path, caplog):
+    """The training decoder's rule (clip.data.decode): PIL alone would decode this GIF from a `.jpg` member."""
+    gif = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(gif, format="GIF")
+    members = [("000001.jpg", gif.getvalue()), ("000001.cls", b"1")]
+    shard = write_tar(tmp_path / "shard.tar", classification_members(np.random.default_rng(0), [2]) + members)
+    assert _labels(TarEvalDataset(str(shard), TRANSFORM, "cls")) == [2]
+    assert "sample '000001' is unreadable (UnidentifiedImageError: cannot identify image file" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "cut", ["inside_a_member", "at_a_member_boundary", "before_a_label", "inside_the_end_marker"]
+)
+def test_truncated_shard_is_an_error_naming_it(tmp_path, caplog, cut):
     shard = write_tar(tmp_path / "cut.tar", classification_members(np.random.default_rng(0), [0, 1, 2]))
     with tarfile.open(shard) as tar:
         members = tar.getmembers()
-    end = members[2].offset if cut == "at_a_member_boundary" else members[2].offset_data + 10
+    end_of_members = members[-1].offset_data + -(-members[-1].size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+    end = {
+        "inside_a_member": members[2].offset_data + 10,
+        "at_a_member_boundary": members[2].offset,
+        "before_a_label": members[3].offset_data,  # sample 000001 lost its label: no warning, just the error
+        "inside_the_end_marker": end_of_members + tarfile.BLOCKSIZE,  # one of its two zero blocks
+    }[cut]
     shard.write_bytes(shard.read_bytes()[:end])
     if cut == "at_a_member_boundary":  # why the reader checks: tarfile itself ends without a word
         with tarfile.open(shard) as tar:
             assert len(tar.getmembers()) == 2
     with pytest.raises(RuntimeError, match="cannot read eval shard .*cut.tar"):
         list(TarEvalDataset(str(shard), TRANSFORM, "cls"))
+    assert "skipped" not in caplog.text
 
 
 def test_expand_shards(tmp_path):

@@ -1,4 +1,5 @@
-"""scripts/zero_shot.py end to end: run directory -> export, every task, table and JSON output."""
+"""scripts/zero_shot.py end to end: run directory -> export, every task, table and JSON output.
+(tests/test_train_smoke.py evaluates a real run's export in a subprocess.)"""
 
 from __future__ import annotations
 
@@ -28,8 +29,7 @@ def script():
 
 @pytest.fixture
 def loaded(monkeypatch):
-    """clip.load / clip.tokenize stand-ins (the real ones come from the api and tokenizer work):
-    a seeded tiny model and the OpenAI-compatible reference tokenizer."""
+    """A clip.load stand-in that records what it was asked to load: a seeded tiny model."""
     model = tiny_model()
     calls = []
 
@@ -37,33 +37,39 @@ def loaded(monkeypatch):
         calls.append(name_or_path)
         return model, image_transform_eval(32)
 
-    def tokenize(texts, context_length=77, truncate=False):
-        return open_clip.tokenize(texts, context_length=context_length)
-
     monkeypatch.setattr(clip, "load", load, raising=False)
-    monkeypatch.setattr(clip, "tokenize", tokenize, raising=False)
     return model, calls
 
 
 def test_zero_shot_on_a_run_directory(tmp_path, script, loaded, capsys):
     model, calls = loaded
-    (tmp_path / "runs" / "smoke" / "export").mkdir(parents=True)
+    (tmp_path / "runs" / "smoke" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "runs" / "smoke" / "model.safetensors").touch()  # where the trainer exports
     write_image_folder(tmp_path / "heldout", num_classes=6, per_class=2, templates=["a {} photo."])
     write_image_folder(tmp_path / "other", num_classes=5, per_class=1, seed=1)
     output = tmp_path / "results.json"
     results = script.main(["--model", str(tmp_path / "runs" / "smoke"), "--data", str(tmp_path / "heldout"),
                            str(tmp_path / "other"), "--workers", "0", "--output", str(output)])
 
-    assert calls == [str(tmp_path / "runs" / "smoke" / "export")]
+    assert calls == [str(tmp_path / "runs" / "smoke" / "model.safetensors")]
     written = json.loads(output.read_text())
     assert written["results"] == results and written["task"] == "zero-shot"
-    # The script's numbers are the library's (the trainer's eval hook) on the same set.
+    # The script's numbers are the library's (the trainer's eval hook) on the same set, with the
+    # reference tokenizer.
     eval_set = load_classification_set(tmp_path / "heldout", image_transform_eval(32))
     expected = evaluate(model, eval_set, open_clip.tokenize)
     assert results["heldout"] == {key.removeprefix("eval/heldout_"): value for key, value in expected.items()}
     assert results["other"]["num_samples"] == 5
     table = capsys.readouterr().out
     assert "set" in table and "heldout" in table and "mean_per_class_recall" in table
+
+
+def test_a_run_directory_without_its_export_is_a_clear_error(tmp_path, script, loaded, capsys):
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["--model", str(tmp_path / "run"), "--data", str(tmp_path), "--output", str(tmp_path / "r.json")])
+    assert "is a training run without model.safetensors" in str(exit_info.value.code)
+    assert loaded[1] == []
 
 
 def test_retrieval_and_linear_probe_tasks(tmp_path, script, loaded):

@@ -86,12 +86,23 @@ def assert_bitwise_equal_checkpoints(a: Path, b: Path) -> None:
         assert torch.equal(rank_a["rng"]["torch"], rank_b["rng"]["torch"]), rank_file
 
 
-def test_sigkill_anywhere_then_relaunch_is_bitwise_equal_to_an_uninterrupted_run(shards, tmp_path):
+# The run that interrupted runs are compared with: 30 steps, checkpoints every 7.
+COMMON = ["max_steps=30", "checkpoint.every_steps=7"]
+
+
+@pytest.fixture(scope="module")
+def reference(shards, tmp_path_factory) -> Path:
+    """An uninterrupted run with a data worker. It must also shut its worker down and exit by itself
+    (a worker that ignored its owner's SIGTERM would hang the exit): bounded by run()'s timeout."""
+    run_dir = tmp_path_factory.mktemp("reference")
+    result = run(train_args(shards, run_dir, *COMMON))
+    assert result.returncode == 0, result.stderr
+    return run_dir
+
+
+def test_sigkill_anywhere_then_relaunch_is_bitwise_equal_to_an_uninterrupted_run(shards, reference, tmp_path):
     kill_step = random.Random().randint(8, 20)
     print(f"killing after step {kill_step}")  # reproducible: rerun with this value if it fails
-    common = ["max_steps=30", "checkpoint.every_steps=7"]
-    reference = tmp_path / "reference"
-    assert run(train_args(shards, reference, *common)).returncode == 0
     # (faults, the checkpoint a relaunch must resume from, a stale tmp directory it must remove)
     crashes = {
         "between_steps": ([f"fault.kill_at_step={kill_step}"], kill_step // 7 * 7, None),
@@ -100,12 +111,12 @@ def test_sigkill_anywhere_then_relaunch_is_bitwise_equal_to_an_uninterrupted_run
     }
     for name, (faults, resume_step, stale) in crashes.items():
         run_dir = tmp_path / name
-        first = run(train_args(shards, run_dir, *common, *faults))
+        first = run(train_args(shards, run_dir, *COMMON, *faults))
         assert first.returncode == -signal.SIGKILL, (name, first.stderr)
         assert find_latest(run_dir / "checkpoints").name == f"step-{resume_step}", name
         assert (run_dir / "checkpoints" / "latest").read_text() == f"step-{resume_step}"
         assert stale is None or (run_dir / "checkpoints" / stale).is_dir(), name
-        resumed = run(train_args(shards, run_dir, *common))
+        resumed = run(train_args(shards, run_dir, *COMMON))
         assert resumed.returncode == 0, (name, resumed.stderr)
         assert f"at step {resume_step}" in resumed.stderr, name
         assert not list((run_dir / "checkpoints").glob("*.tmp")), name
@@ -127,36 +138,72 @@ def test_killing_one_torchrun_rank_then_relaunching_is_bitwise_equal(shards, tmp
     assert losses_by_step(killed) == losses_by_step(reference)
 
 
-def test_sigterm_writes_a_checkpoint_of_the_last_step_and_exits_143(shards, tmp_path):
+def start_run(overrides: list[str]) -> subprocess.Popen:
+    """scripts/train.py as the leader of a new process group (its data workers join it), as a job step
+    is under SLURM, so that the group can be signalled without signalling the test."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    process = subprocess.Popen([sys.executable, SCRIPT, *train_args(shards, tmp_path, "max_steps=100000")],
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = tmp_path / "metrics.jsonl"
-    deadline = time.monotonic() + 90
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-        assert process.poll() is None and time.monotonic() < deadline, "the run did not start"
-        time.sleep(0.2)
-    # SIGUSR1 to a data-loader worker (a forked child that inherits the handler) must not stop
-    # training. (torch's workers exit on SIGTERM: see docs/training.md.)
-    workers = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+    return subprocess.Popen([sys.executable, SCRIPT, *overrides], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def wait_for_step(process: subprocess.Popen, run_dir: Path, step: int, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while step not in (losses_by_step(run_dir) if (run_dir / "metrics.jsonl").exists() else {}):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"the run did not reach step {step}: {process.communicate()[1]}")
+        time.sleep(0.1)
+
+
+def data_workers(process: subprocess.Popen) -> list[int]:
+    return [int(pid) for pid in Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()]
+
+
+def is_running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_signals_to_data_workers_leave_training_unaffected(shards, reference, tmp_path):
+    # G6 (c). The run sleeps in step 4, so the signals surely arrive while it is training.
+    process = start_run(train_args(shards, tmp_path, *COMMON, "fault.sleep_at_step=4", "fault.sleep_s=2"))
+    wait_for_step(process, tmp_path, 3)
+    workers = data_workers(process)
     assert workers
     for worker in workers:
-        os.kill(int(worker), signal.SIGUSR1)
-    steps_before = len(metrics.read_text().splitlines())
-    while len(metrics.read_text().splitlines()) < steps_before + 3:
-        assert process.poll() is None and time.monotonic() < deadline + 60, "training stopped"
-        time.sleep(0.2)
+        os.kill(worker, signal.SIGTERM)  # torch's own worker handler would die of this one
+        os.kill(worker, signal.SIGUSR1)
+    time.sleep(0.5)
+    assert all(is_running(worker) for worker in workers)
+    _, stderr = process.communicate(timeout=90)
+    assert process.returncode == 0, stderr
+    assert_bitwise_equal_checkpoints(reference / "checkpoints" / "step-30", tmp_path / "checkpoints" / "step-30")
+    assert losses_by_step(tmp_path) == losses_by_step(reference)
+
+
+def test_sigterm_to_the_whole_process_group_checkpoints_exits_143_and_resumes_bitwise(shards, reference, tmp_path):
+    # G6 (a), with the signal delivered as SLURM delivers it: to the trainer and its data workers.
+    # The run sleeps in step 5, so the stop request arrives during that step, wherever the workers are.
+    process = start_run(train_args(shards, tmp_path, *COMMON, "fault.sleep_at_step=5", "fault.sleep_s=2"))
+    wait_for_step(process, tmp_path, 4)
     sent = time.monotonic()
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=60)
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        _, stderr = process.communicate(timeout=60)  # no hang in the checkpoint or at exit
+    finally:
+        process.kill()
     assert process.returncode == 143, stderr
     assert time.monotonic() - sent < 10
-    last_logged = max(losses_by_step(tmp_path))
-    assert find_latest(tmp_path / "checkpoints").name == f"step-{last_logged}"
-    resumed = run(train_args(shards, tmp_path, f"max_steps={last_logged + 2}",
-                             "checkpoint.allow_config_change=[max_steps]"))
+    assert "exited unexpectedly" not in stderr and "killed by signal" not in stderr
+    assert find_latest(tmp_path / "checkpoints").name == "step-5"
+    assert max(losses_by_step(tmp_path)) == 5
+    resumed = run(train_args(shards, tmp_path, *COMMON))
     assert resumed.returncode == 0, resumed.stderr
-    assert f"at step {last_logged}" in resumed.stderr
+    assert "at step 5" in resumed.stderr
+    assert_bitwise_equal_checkpoints(reference / "checkpoints" / "step-30", tmp_path / "checkpoints" / "step-30")
+    assert losses_by_step(tmp_path) == losses_by_step(reference)
 
 
 def test_sigterm_to_one_torchrun_rank_stops_all_ranks_at_the_same_step(shards, tmp_path):

@@ -13,23 +13,23 @@ Formats, detected by `load_classification_set` and `load_retrieval_set`:
 - a caption file (Karpathy-split JSON of COCO / Flickr30k) plus the image directory.
 
 A sample is `(image_tensor, target)`: an int class index, or a list of captions for retrieval.
-Tar shards (uncompressed) are read with `tarfile`, not webdataset: only image, `cls` and `txt`
-members of regular files under a size cap are read, nothing is unpickled (RELIABILITY S4, S5), and
-a shard without its end-of-archive marker is an error (a cut at a member boundary is otherwise silent).
+Tar shards (uncompressed) are read with the training pipeline's reader (`clip.data.tar_reader`), not
+webdataset: only image, `cls` and `txt` members of regular files under a size cap are read, nothing is
+unpickled (RELIABILITY S4, S5), images are decoded by `clip.data.decode`, and a shard without its
+end-of-archive marker is an error (a cut at a member boundary is otherwise silent).
 """
 
 from __future__ import annotations
 
 import copy
 import glob
-import io
 import json
 import logging
+import os
 import pickle
-import tarfile
 from dataclasses import dataclass
 from importlib import resources
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -37,17 +37,18 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, default_collate, get_worker_info
 
+from clip.config import DataConfig
+from clip.data.decode import decode_image
+from clip.data.records import IMAGE_EXTENSIONS, SkipEvent
+from clip.data.sources import expand_pattern, is_pipe
+from clip.data.tar_reader import MemberGroup, iter_member_groups
+
 log = logging.getLogger(__name__)
 
 Transform = Callable[[Image.Image], torch.Tensor]
 
-IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
 # One prompt for labelled folders that bring no templates.txt.
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
-# A tar member's bytes are read into memory whole: larger members are skipped (RELIABILITY S5).
-MAX_MEMBER_BYTES = 64 * 2**20
-# PIL's own decompression-bomb threshold, checked from the header before decoding.
-MAX_IMAGE_PIXELS = 89_478_485
 CLASSNAMES_FILE = "classnames.txt"
 # Ours first, then CLIP_benchmark's name for the same file.
 TEMPLATES_FILES = ("templates.txt", "zeroshot_classification_templates.txt")
@@ -120,16 +121,7 @@ def get_imagenet_wnids() -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Images and batches
-
-
-def decode_image(data: bytes, source: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """An RGB image from encoded bytes; the pixel count is checked from the header before decoding."""
-    image = Image.open(io.BytesIO(data))
-    width, height = image.size
-    if width * height > max_pixels:
-        raise ValueError(f"{source}: {width}x{height} image exceeds {max_pixels} pixels")
-    return image.convert("RGB")
+# Batches
 
 
 def collate_eval_batch(samples: list[tuple[torch.Tensor, Any]]) -> tuple[torch.Tensor, Any]:
@@ -281,7 +273,7 @@ def _cifar_set(path: Path, transform: Transform, name: str | None, split: str) -
 
 
 # ---------------------------------------------------------------------------------------------
-# WebDataset eval shards, read safely with tarfile
+# WebDataset eval shards, read with the training pipeline's tar reader
 
 
 def expand_shards(spec: str | Sequence[str]) -> list[str]:
@@ -291,29 +283,15 @@ def expand_shards(spec: str | Sequence[str]) -> list[str]:
     specs = [spec] if isinstance(spec, (str, Path)) else list(spec)
     shards: list[str] = []
     for item in map(str, specs):
-        if "://" in item or item.startswith("pipe:"):
+        if "://" in item or is_pipe(item):
             raise ValueError(f"eval shards must be local files; got {item!r}")
-        from braceexpand import braceexpand  # webdataset's dependency
-
-        for pattern in braceexpand(item):
+        for pattern in expand_pattern(item):
             matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
             shards.extend(matches)
     missing = [shard for shard in shards if not Path(shard).is_file()]
     if not shards or missing:
         raise FileNotFoundError(f"eval shards {spec!r}: no such file(s): {missing[:5] or 'no match'}")
     return shards
-
-
-def _split_member_name(name: str) -> tuple[str, str]:
-    # WebDataset's convention: the sample key is the path up to the first '.' of the file name.
-    directory, _, filename = name.rpartition("/")
-    stem, _, suffix = filename.partition(".")
-    return (f"{directory}/{stem}" if directory else stem), suffix.lower()
-
-
-def _is_safe_member(info: tarfile.TarInfo) -> bool:
-    parts = PurePosixPath(info.name).parts
-    return info.isreg() and not info.name.startswith("/") and ".." not in parts
 
 
 class TarEvalDataset(IterableDataset):
@@ -331,7 +309,7 @@ class TarEvalDataset(IterableDataset):
         transform: Transform,
         target: str,
         *,
-        max_member_bytes: int = MAX_MEMBER_BYTES,
+        max_member_bytes: int = DataConfig.max_member_bytes,
     ):
         if target not in ("cls", "txt"):
             raise ValueError(f"target must be 'cls' (labels) or 'txt' (captions), not {target!r}")
@@ -353,47 +331,47 @@ class TarEvalDataset(IterableDataset):
             yield from self._read_shard(shard)
 
     def _read_shard(self, shard: str) -> Iterator[tuple[torch.Tensor, Any]]:
-        wanted = (*IMAGE_SUFFIXES, self.target)
-        key, members = None, {}
+        fields = (*IMAGE_EXTENSIONS, self.target)
         try:
-            with tarfile.open(shard, mode="r:") as tar:
-                for info in tar:
-                    member_key, suffix = _split_member_name(info.name)
-                    if member_key != key:
-                        if key is not None and (sample := self._decode(shard, key, members)) is not None:
-                            yield sample
-                        key, members = member_key, {}
-                    if not _is_safe_member(info):
-                        log.warning("eval shard %s: skipped member %r (not a regular file at a relative path)",
-                                    shard, info.name)
-                    elif info.size > self.max_member_bytes:
-                        log.warning("eval shard %s: skipped member %r of %d bytes (limit %d)",
-                                    shard, info.name, info.size, self.max_member_bytes)
-                    elif suffix in wanted:
-                        members[suffix] = tar.extractfile(info).read()
-                # tarfile ends silently when a shard is cut at a member boundary (RELIABILITY G8):
-                # require the end-of-archive marker, two zero blocks, where the members stop.
-                tar.fileobj.seek(tar.offset)
-                if tar.fileobj.read(2 * tarfile.BLOCKSIZE) != bytes(2 * tarfile.BLOCKSIZE):
-                    raise tarfile.ReadError("no end-of-archive marker after the last member: truncated")
-        except (tarfile.TarError, OSError) as error:
+            with open(shard, "rb") as file:
+                size = os.fstat(file.fileno()).st_size
+                groups = iter_member_groups(
+                    file, shard, extensions=fields, max_member_bytes=self.max_member_bytes, size=size
+                )
+                for item in groups:
+                    if isinstance(item, SkipEvent):
+                        self._check(shard, item)
+                    elif not item.cut and (sample := self._decode(shard, item)) is not None:
+                        yield sample
+        except OSError as error:
             raise RuntimeError(f"cannot read eval shard {shard}: {error}") from error
-        if key is not None and (sample := self._decode(shard, key, members)) is not None:
-            yield sample
 
-    def _decode(self, shard: str, key: str, members: dict[str, bytes]) -> tuple[torch.Tensor, Any] | None:
-        image_suffix = next((suffix for suffix in IMAGE_SUFFIXES if suffix in members), None)
-        if image_suffix is None or self.target not in members:
-            log.warning("eval shard %s: sample %r has no image or no %s member; skipped", shard, key, self.target)
+    def _check(self, shard: str, event: SkipEvent) -> None:
+        # A truncated eval set would give wrong metrics without a word: it is an error (G8).
+        if event.reason == "truncated_shard":
+            raise RuntimeError(f"cannot read eval shard {shard}: {event.detail}")
+        if event.reason == "unsafe_member":
+            log.warning("eval shard %s: skipped member %r (not a regular file at a relative path)", shard, event.key)
+        # ignored_member (neither an image nor the target, e.g. .json): never decoded, not worth a warning
+
+    def _decode(self, shard: str, group: MemberGroup) -> tuple[torch.Tensor, Any] | None:
+        for member in group.members.values():
+            if member.data is None:
+                log.warning("eval shard %s: skipped member %r of %d bytes (limit %d)",
+                            shard, member.name, member.size, self.max_member_bytes)
+        members = {ext: member.data for ext, member in group.members.items() if member.data is not None}
+        image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in members), None)
+        if image_ext is None or self.target not in members:
+            log.warning("eval shard %s: sample %r has no image or no %s member; skipped", shard, group.key, self.target)
             return None
         try:
-            image = decode_image(members[image_suffix], f"{shard}:{key}.{image_suffix}")
+            image = decode_image(members[image_ext])
             text = members[self.target].decode("utf-8")
             target = int(text.strip()) if self.target == "cls" else [line for line in text.split("\n") if line]
             if not target and self.target == "txt":
                 raise ValueError("no captions")
-        except (OSError, ValueError) as error:  # PIL's decode errors are OSErrors
-            log.warning("eval shard %s: sample %r is unreadable (%s); skipped", shard, key, error)
+        except ValueError as error:  # ImageDecodeError, a label that is not an int, UnicodeDecodeError
+            log.warning("eval shard %s: sample %r is unreadable (%s); skipped", shard, group.key, error)
             return None
         return self.transform(image), target
 

@@ -22,6 +22,7 @@ from clip.data.plan import DataPlan, build_plan
 from clip.data.records import SAMPLE_REASONS, SHARD_REASONS
 from clip.data.sources import DataError, resolve_sources
 from clip.data.stream import Batch, Position, ReaderOutput, ReaderStream
+from clip.data.worker_signals import ignore_outside_sigterm, sigterm_blocked
 
 logger = logging.getLogger("clip.data")
 
@@ -143,7 +144,9 @@ class TrainLoader:
         self.seed = seed
         self.streams = streams
         # One single-worker DataLoader per reader: this process decides the order, not torch's queue.
-        workers = dict(num_workers=1, persistent_workers=True, prefetch_factor=prefetch_factor) if num_workers else {}
+        # Workers ignore a SIGTERM sent to the whole job (clip.data.worker_signals).
+        workers = dict(num_workers=1, persistent_workers=True, prefetch_factor=prefetch_factor,
+                       worker_init_fn=ignore_outside_sigterm) if num_workers else {}
         # A private generator: DataLoader draws worker base seeds from it, not from the trainer's RNG.
         self.loaders = [
             DataLoader(s, batch_size=None, pin_memory=pin_memory, generator=torch.Generator(), **workers)
@@ -173,10 +176,11 @@ class TrainLoader:
     def _batches(self, merged: _Cursor) -> Iterator[Batch]:
         self.cursor = merged.copy()
         iterators = []
-        for stream, loader, position, ended in zip(self.streams, self.loaders, merged.positions, merged.ended):
-            if not ended:
-                stream.set_start(position)
-            iterators.append(None if ended else iter(loader))
+        with sigterm_blocked():  # the first iter() starts the workers
+            for stream, loader, position, ended in zip(self.streams, self.loaders, merged.positions, merged.ended):
+                if not ended:
+                    stream.set_start(position)
+                iterators.append(None if ended else iter(loader))
         steps = self.plan.steps_per_epoch
         held: Optional[Batch] = None
         pending: Counter = Counter()

@@ -15,6 +15,7 @@ import sys
 from collections import defaultdict
 
 from clip.data.records import Record
+from clip.data.sources import expand_pattern
 from clip.data.tar_reader import iter_tar_samples
 
 
@@ -54,9 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("shards", nargs="+", help="local shard paths or brace patterns")
     args = parser.parse_args(argv)
-    from webdataset.shardlists import expand_urls
-
-    paths = [path for pattern in args.shards for path in expand_urls(pattern)]
+    paths = [path for pattern in args.shards for path in expand_pattern(pattern)]
     for directory, counts in write_manifests(paths).items():
         print(f"{directory}/sizes.json: {len(counts)} shards, {sum(counts.values())} samples", file=sys.stderr)
 

@@ -63,10 +63,18 @@ def local_path(url: str) -> str:
     return url[len(FILE_PREFIX) :] if url.startswith(FILE_PREFIX) else url
 
 
-def _expand(pattern: str) -> list[str]:
-    from webdataset.shardlists import expand_urls  # brace expansion ({000..099}), no I/O
+def expand_pattern(pattern: str) -> list[str]:
+    """Shard names from a brace pattern: `/data/{000..099}.tar` -> 100 names, no I/O.
 
-    return list(expand_urls(pattern))
+    The one expansion of the project (training specs and list files, manifests, eval shards), with
+    webdataset's rules, as in OpenCLIP: `::` also separates patterns, `${NAME}` is `$WDS_NAME`.
+    """
+    from webdataset.shardlists import expand_urls
+
+    try:
+        return list(expand_urls(pattern))
+    except AssertionError as error:  # webdataset asserts on an unset ${NAME}: say which and how to set it
+        raise ValueError(f"cannot expand shard pattern {pattern!r}: {error} (set WDS_<NAME> for ${{NAME}})") from None
 
 
 def _check_url(url: str, origin: str, cfg: DataConfig) -> None:
@@ -91,10 +99,17 @@ def _check_url(url: str, origin: str, cfg: DataConfig) -> None:
         )
 
 
+def _expand_config_pattern(pattern: str, origin: str) -> list[str]:
+    try:
+        return expand_pattern(pattern)
+    except ValueError as error:
+        raise DataConfigError(f"{origin}: {error}") from None
+
+
 def _tar_urls(spec: str, cfg: DataConfig) -> list[tuple[str, str]]:
     """(url, origin) pairs of one source: brace patterns, and `.txt` list files expanded in place."""
     result = []
-    for pattern in _expand(spec):
+    for pattern in _expand_config_pattern(spec, "data.train_shards"):
         path = local_path(pattern)
         if not is_pipe(pattern) and path.endswith(LIST_SUFFIXES):
             if not os.path.isfile(path):
@@ -105,7 +120,7 @@ def _tar_urls(spec: str, cfg: DataConfig) -> list[tuple[str, str]]:
             for line in lines:
                 if not line or line.startswith("#"):
                     continue
-                for url in _expand(line):
+                for url in _expand_config_pattern(line, f"data.train_shards ({path})"):
                     _check_url(url, f"data.train_shards ({path})", cfg)
                     if "://" not in url and not os.path.isabs(url):
                         url = os.path.join(base, url)

@@ -9,7 +9,6 @@ shards and dropping the first `item` records undecoded (at most `data.interleave
 
 from __future__ import annotations
 
-import io
 import itertools
 import math
 import multiprocessing
@@ -22,14 +21,12 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
+from clip.data.decode import ImageDecodeError, decode_image
 from clip.data.plan import ReaderPlan, seeded_rng
 from clip.data.records import SAMPLE_REASONS, SHARD_REASONS, Item, Record, SkipEvent
 from clip.data.shard_reader import read_shard
 from clip.data.sources import DataError, Shard
 
-# PIL's own decompression-bomb limit: larger images are skipped from their header, before decoding.
-MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
-_PIL_FORMATS = ("JPEG", "PNG", "WEBP")
 _EVENTS_PER_OUTPUT = 16  # details kept for logging; the counts are always exact
 MAX_GROUPS_WITHOUT_RECORDS = 10
 
@@ -113,23 +110,17 @@ class _SeededCrops:
                 generator.set_state(saved)
 
 
-def decode_image(record: Record) -> Image.Image | SkipEvent:
-    """An RGB PIL image, or the reason it cannot be used. Only JPEG/PNG/WebP decoders are ever invoked."""
+def load_image(record: Record) -> Image.Image | SkipEvent:
+    """A record's RGB image, or the reason it cannot be used (clip.data.decode)."""
     try:
         data = record.image
-        if data is None:
+        if data is None:  # CSV rows: the file is read here, so that replaying a position costs no I/O
             with open(record.image_path, "rb") as f:
                 data = f.read()
-        image = Image.open(io.BytesIO(data), formats=_PIL_FORMATS)
-        if image.width * image.height > MAX_IMAGE_PIXELS:
-            return SkipEvent("too_large", record.shard, record.key, f"{image.width}x{image.height} pixels")
-        image.load()
-        # Converting before the crop (clip.transforms convert after it) keeps palette images from
-        # being resized with nearest-neighbour; for RGB and grayscale the result is the same.
-        return image if image.mode == "RGB" else image.convert("RGB")
-    except Image.DecompressionBombError as e:
-        return SkipEvent("too_large", record.shard, record.key, str(e))
-    except Exception as e:  # any failure of a decoder on untrusted bytes is bad data, not a bug of ours
+        return decode_image(data)
+    except ImageDecodeError as e:
+        return SkipEvent(e.reason, record.shard, record.key, str(e))
+    except Exception as e:  # a CSV row's image path is missing, unreadable or not a valid path
         return SkipEvent("decode_error", record.shard, record.key, f"{type(e).__name__}: {e}")
 
 
@@ -249,7 +240,7 @@ class ReaderStream(IterableDataset):
         for position, item in self.iter_items(start):
             output.position = position
             if isinstance(item, Record):
-                image = decode_image(item)
+                image = load_image(item)
                 if isinstance(image, SkipEvent):
                     item = image
                 else:

@@ -1,18 +1,21 @@
 """A small streaming tar reader that notices truncation and never trusts member names, types or sizes.
 
+The one tar reader of the project: training shards (`iter_tar_samples`), their manifests and the eval
+shards (`clip.data.eval_datasets`, through `iter_member_groups`) all read tars with it.
+
 Why not `tarfile` or webdataset's reader: a streaming tar that is cut at a header boundary simply ends,
 without an error, in both (RELIABILITY G8: 519 of 1,368 cut points were silent), and webdataset reads
 every member fully into memory whatever its header claims. This reader requires the end-of-archive
-block, reports a cut as a `truncated_shard` event, skips oversized members without reading them,
-drops links and devices, and hands out member bytes only, never paths (S5). It parses ustar, GNU
-long names and pax `path`/`size` records, which covers tars written by Python's tarfile, GNU tar and
-webdataset's TarWriter.
+marker (two zero blocks) and valid header checksums, reports a cut as a `truncated_shard` event, skips
+oversized members without reading them, drops links, devices and absolute or `..` names, and hands out
+member bytes only, never paths (S5). It parses ustar, GNU long names and pax `path`/`size` records,
+which covers tars written by Python's tarfile, GNU tar and webdataset's TarWriter.
 """
 
 from __future__ import annotations
 
 import posixpath
-from typing import BinaryIO, Iterator, Optional, Union
+from typing import BinaryIO, Iterator, NamedTuple, Optional, Union
 
 from clip.data.records import (
     CAPTION_EXTENSION,
@@ -24,6 +27,7 @@ from clip.data.records import (
 )
 
 BLOCK = 512
+_ZERO_BLOCK = bytes(BLOCK)
 _REGULAR = (b"0", b"\0", b"7")
 _DIRECTORY = b"5"
 _PAX = b"x"
@@ -109,10 +113,26 @@ class _TarStream:
         self.skip(size + (-size % BLOCK))
 
 
+class Member(NamedTuple):
+    """A regular tar member at a relative path. `data` is None when it is over the size cap (not read)."""
+
+    name: str
+    size: int  # from the header
+    data: Optional[bytes]
+
+
+class MemberGroup(NamedTuple):
+    """Consecutive members sharing a key (webdataset's sample), by extension."""
+
+    key: str
+    members: dict[str, Member]
+    cut: bool  # the shard is truncated right after this group: it may be incomplete
+
+
 def iter_members(
     fileobj: BinaryIO, url: str, *, max_member_bytes: int, size: Optional[int] = None
-) -> Iterator[Union[tuple[str, Optional[bytes]], SkipEvent]]:
-    """Yield (name, data) for regular members, or SkipEvents; data is None for members over the size cap.
+) -> Iterator[Union[Member, SkipEvent]]:
+    """Yield the regular members, and SkipEvents for links, devices and unsafe names.
 
     A cut or corrupt archive ends the iteration with a `truncated_shard` event.
     """
@@ -124,8 +144,13 @@ def iter_members(
             header = fileobj.read(BLOCK)
             stream.offset += len(header)
             if len(header) < BLOCK:
-                raise _Truncated(f"ends at byte {stream.offset} without the end-of-archive block")
-            if header == bytes(BLOCK):
+                raise _Truncated(f"ends at byte {stream.offset} without the end-of-archive marker")
+            if header == _ZERO_BLOCK:
+                # The end-of-archive marker is two zero blocks: one alone is a cut inside the marker, or
+                # a zeroed block of a damaged file.
+                if fileobj.read(BLOCK) != _ZERO_BLOCK:
+                    raise _Truncated(f"has a zero block at byte {stream.offset - BLOCK} without the second "
+                                     "zero block of an end-of-archive marker")
                 return
             if not _checksum_ok(header):
                 raise _Truncated(f"has a corrupt header at byte {stream.offset - BLOCK}")
@@ -156,9 +181,9 @@ def iter_members(
                 continue
             if member_size > max_member_bytes:
                 stream.skip_padded(member_size)
-                yield name, None
+                yield Member(name, member_size, None)
                 continue
-            yield name, stream.read(member_size)
+            yield Member(name, member_size, stream.read(member_size))
             stream.skip(-member_size % BLOCK)  # a cut in the padding still loses no data; it is reported after
     except _Truncated as e:
         yield SkipEvent("truncated_shard", url, "", f"{url} {e}")
@@ -173,6 +198,60 @@ def split_key(name: str) -> tuple[str, str]:
     return posixpath.join(directory, stem) if directory else stem, ext.lower() if dot else ""
 
 
+def iter_member_groups(
+    fileobj: BinaryIO,
+    url: str,
+    *,
+    extensions: tuple[str, ...],
+    max_member_bytes: int,
+    size: Optional[int] = None,
+) -> Iterator[Union[MemberGroup, SkipEvent]]:
+    """Group consecutive members with the same key (a repeated extension starts a new group).
+
+    Only members with one of `extensions` are kept; the others become `ignored_member` events and are
+    never decoded, whatever they claim to be (S4: webdataset would unpickle `.pyd`/`.pth` members).
+    A truncated shard ends with its `truncated_shard` event, right after the group it cut (`cut=True`).
+    """
+    key: Optional[str] = None
+    members: dict[str, Member] = {}
+    for item in iter_members(fileobj, url, max_member_bytes=max_member_bytes, size=size):
+        if isinstance(item, SkipEvent):
+            if item.reason == "truncated_shard" and key is not None:
+                yield MemberGroup(key, members, cut=True)
+                key = None
+            yield item
+            continue
+        member_key, ext = split_key(item.name)
+        if ext not in extensions:
+            if ext not in KNOWN_UNUSED_EXTENSIONS:
+                detail = f"member {item.name!r} is not read (only {'/'.join(extensions)})"
+                yield SkipEvent("ignored_member", url, member_key, detail)
+            continue
+        if member_key != key or ext in members:
+            if key is not None:
+                yield MemberGroup(key, members, cut=False)
+            key, members = member_key, {}
+        members[ext] = item
+    if key is not None:
+        yield MemberGroup(key, members, cut=False)
+
+
+def _training_sample(group: MemberGroup, url: str, max_member_bytes: int) -> Optional[Item]:
+    """A Record when the group has an image and a non-empty caption, else why not (None: cut short)."""
+    oversized = [ext for ext, member in group.members.items() if member.data is None]
+    if oversized:
+        detail = f"{oversized[0]} member over data.max_member_bytes={max_member_bytes}"
+        return SkipEvent("too_large", url, group.key, detail)
+    image_ext = next((e for e in IMAGE_EXTENSIONS if e in group.members), None)
+    if image_ext is not None and CAPTION_EXTENSION in group.members:
+        caption = group.members[CAPTION_EXTENSION].data.decode("utf-8", "replace").strip()
+        if caption:
+            return Record(url, group.key, group.members[image_ext].data, None, caption)
+        return None if group.cut else SkipEvent("missing_field", url, group.key, "empty caption")
+    missing = "image" if image_ext is None else "caption"
+    return None if group.cut else SkipEvent("missing_field", url, group.key, f"no {missing} member")
+
+
 def iter_tar_samples(
     fileobj: BinaryIO,
     url: str,
@@ -181,58 +260,27 @@ def iter_tar_samples(
     size: Optional[int] = None,
     expected_samples: Optional[int] = None,
 ) -> Iterator[Item]:
-    """Group consecutive members with the same key into Records; everything else becomes a SkipEvent.
+    """The training samples of a shard as Records; everything else becomes a SkipEvent.
 
     A sample needs an image (jpg/jpeg/png/webp) and a `.txt` caption. When the shard is truncated the
     incomplete last sample is dropped silently (the truncation event accounts for it). With
     `expected_samples` (from the manifest), a different number of samples is a `truncated_shard` too.
     """
-    key: Optional[str] = None
-    fields: dict[str, Optional[bytes]] = {}
     num_samples = 0
     truncated = False
-
-    def finish() -> Iterator[Item]:
-        if key is None:
-            return
-        image_ext = next((e for e in IMAGE_EXTENSIONS if e in fields), None)
-        oversized = [ext for ext, data in fields.items() if data is None]
-        if oversized:
-            yield SkipEvent("too_large", url, key, f"{oversized[0]} member over data.max_member_bytes={max_member_bytes}")
-        elif image_ext is not None and CAPTION_EXTENSION in fields:
-            caption = fields[CAPTION_EXTENSION].decode("utf-8", "replace").strip()
-            if caption:
-                yield Record(url, key, fields[image_ext], None, caption)
-            elif not truncated:
-                yield SkipEvent("missing_field", url, key, "empty caption")
-        elif not truncated:
-            missing = "image" if image_ext is None else "caption"
-            yield SkipEvent("missing_field", url, key, f"no {missing} member")
-
-    for item in iter_members(fileobj, url, max_member_bytes=max_member_bytes, size=size):
+    groups = iter_member_groups(
+        fileobj, url, extensions=(*IMAGE_EXTENSIONS, CAPTION_EXTENSION), max_member_bytes=max_member_bytes, size=size
+    )
+    for item in groups:
         if isinstance(item, SkipEvent):
             truncated = truncated or item.reason == "truncated_shard"
-            if truncated:
-                break
             yield item
             continue
-        name, data = item
-        member_key, ext = split_key(name)
-        if ext not in IMAGE_EXTENSIONS and ext != CAPTION_EXTENSION:
-            # Never decoded, whatever it claims to be (S4: webdataset would unpickle .pyd/.pth members).
-            if ext not in KNOWN_UNUSED_EXTENSIONS:
-                yield SkipEvent("ignored_member", url, member_key, f"member {name!r} is not an image or caption")
-            continue
-        if member_key != key or ext in fields:
-            yield from finish()
-            num_samples += key is not None
-            key, fields = member_key, {}
-        fields[ext] = data
-    yield from finish()
-    num_samples += key is not None
-    if truncated:
-        yield item
-    elif expected_samples is not None and num_samples != expected_samples:
+        num_samples += 1
+        sample = _training_sample(item, url, max_member_bytes)
+        if sample is not None:
+            yield sample
+    if not truncated and expected_samples is not None and num_samples != expected_samples:
         yield SkipEvent(
             "truncated_shard", url, "", f"{url} holds {num_samples} samples but its manifest says {expected_samples}"
         )
