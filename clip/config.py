@@ -361,7 +361,8 @@ class TrainConfig:
     num_epochs: float = 0.0
     precision: str = "bf16"  # "fp32" | "bf16" (autocast) | "fp16" (autocast + grad scaling)
     device: str = "auto"  # "auto": cuda if available, else cpu
-    compile: bool = False
+    # torch.compile the model; unset (null): on CUDA devices only.
+    compile: Optional[bool] = None
     grad_checkpointing: bool = False
     # LiT-style tuning (arXiv:2111.07991): freeze a tower's weights (and its BatchNorm statistics).
     lock_image: bool = False

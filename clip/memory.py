@@ -222,7 +222,6 @@ class MemoryEstimate:
     weights: float
     gradients: float
     optimizer: float
-    ddp_buckets: float
     autocast_weights: float
     inputs: float
     activations: float
@@ -232,7 +231,7 @@ class MemoryEstimate:
     @property
     def live(self) -> float:
         return (
-            self.weights + self.gradients + self.optimizer + self.ddp_buckets + self.autocast_weights
+            self.weights + self.gradients + self.optimizer + self.autocast_weights
             + self.inputs + self.activations + self.logits + self.feature_cache
         )
 
@@ -262,8 +261,8 @@ def estimate_memory(
     `local_batch` share of `global_batch`, with AdamW in fp32.
 
     `parallel="fsdp"` shards weights, gradients and AdamW state over the devices (the unsharded
-    copy of the block being computed is not counted); "ddp" replicates them and adds DDP's
-    gradient buckets (one more fp32 copy of the gradients).
+    copy of the block being computed is not counted); "ddp" replicates them (its gradients are
+    views into its communication buckets, `gradient_as_bucket_view`, so the buckets add nothing).
     """
     if parallel not in PARALLELISMS:
         raise ValueError(f"parallel={parallel!r} is not one of {PARALLELISMS}")
@@ -277,7 +276,6 @@ def estimate_memory(
         weights=FP32_BYTES * params.total / shards,
         gradients=FP32_BYTES * params.total / shards,
         optimizer=2 * FP32_BYTES * params.total / shards,
-        ddp_buckets=FP32_BYTES * params.total if parallel == "ddp" else 0.0,
         autocast_weights=autocast_weight_bytes(params, precision, grad_checkpointing) / shards,
         inputs=local_batch * input_bytes_per_sample(cfg),
         activations=micro_batch * activations.peak,

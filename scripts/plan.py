@@ -4,6 +4,12 @@ seen. The cost models are clip/flops.py and clip/memory.py; docs/performance.md 
 
     PYTHONPATH=. python scripts/plan.py --model ViT-L-14 --global-batch 32768 --samples-seen 12.8e9 \\
         --gpu h100 --num-gpus 256 --precision bf16
+    PYTHONPATH=. python scripts/plan.py --recipe vit_l14 --gpu h100 --num-gpus 256 [global_batch_size=65536 ...]
+
+`--recipe NAME` reads configs/experiment/NAME.yaml, composed with the trainer's own Hydra composition
+(clip.hydra_config) and any overrides given after the flags, exactly as `scripts/train.py
++experiment=NAME` would see it: model, global batch, run length, precision, checkpointing,
+micro-batch, parallelism and loss chunking all come from it.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from clip.config import ModelConfig
 from clip.flops import DEVICE_MEMORY_GIB, PEAK_FLOPS, flops_per_sample, get_device_kind
@@ -20,6 +27,9 @@ from clip.memory import GIB, PARALLELISMS, PRECISIONS, MemoryEstimate, Parameter
 # (10-20% on A100s for OpenCLIP, about 21% on H100s for NeMo), below LLM trainers (35-55%).
 ASSUMED_MFU = 0.30
 SECONDS_PER_DAY = 86400
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+# The recipe settings; with --recipe they come from the composed config (or its overrides) instead.
+RECIPE_FLAGS = ("model", "global_batch", "precision", "grad_checkpointing", "micro_batch", "parallel", "loss_chunk_rows")
 
 
 @dataclass(frozen=True)
@@ -185,7 +195,6 @@ def format_plan(run: RunConfig, cluster: ClusterConfig, mfu: float, mfu_measured
         ("weights (fp32)", "weights"),
         ("gradients (fp32)", "gradients"),
         ("AdamW moments (fp32)", "optimizer"),
-        ("DDP gradient buckets", "ddp_buckets"),
         ("autocast weight copies", "autocast_weights"),
         ("inputs (local batch)", "inputs"),
         ("activations", "activations"),
@@ -209,37 +218,92 @@ def format_plan(run: RunConfig, cluster: ClusterConfig, mfu: float, mfu_measured
     return "\n".join(lines)
 
 
+def recipe_run(name: str, overrides: list[str], num_gpus: int, samples_seen: float = 0.0) -> RunConfig:
+    """The RunConfig of configs/experiment/`name`.yaml with Hydra `overrides`, composed as the trainer
+    composes it. Samples seen: max_steps x global batch, or `samples_seen` for an epoch-based recipe
+    (its dataset size is not in the config). Raises ValueError naming the problem."""
+    from clip.config import ConfigError
+    from clip.hydra_config import compose_train_config
+    from clip.train import to_model_config
+
+    recipes = sorted(path.stem for path in (CONFIG_DIR / "experiment").glob("*.yaml"))
+    if name not in recipes:
+        raise ValueError(f"no recipe {name!r} in {CONFIG_DIR / 'experiment'}; recipes: {', '.join(recipes)}")
+    # Keys a run must set but a plan does not read, unless the recipe or the overrides set them.
+    placeholders = [f"{key}=unused" for key in ("output_dir", "data.train_shards")
+                    if not any(o.split("=", 1)[0].lstrip("+~") == key for o in overrides)]  # fmt: skip
+    try:
+        cfg = compose_train_config(CONFIG_DIR, [f"+experiment={name}", *placeholders, *overrides])
+    except ConfigError as error:
+        raise ValueError(f"recipe {name}: {error}") from None
+    if cfg.max_steps:
+        samples_seen = samples_seen or cfg.max_steps * cfg.global_batch_size
+    elif not samples_seen:
+        raise ValueError(f"recipe {name} runs num_epochs={cfg.num_epochs} of a dataset of unknown size: pass --samples-seen")
+    return RunConfig(
+        name=f"{cfg.model.name} (recipe {name})",
+        model=to_model_config(cfg.model),
+        global_batch=cfg.global_batch_size,
+        samples_seen=samples_seen,
+        precision=cfg.precision,
+        grad_checkpointing=cfg.grad_checkpointing,
+        micro_batch=cfg.micro_batch_size,
+        parallel=cfg.dist.parallel,
+        # loss.chunk_size takes [local, chunk] logits at a time: as many as [chunk / GPUs, global].
+        loss_chunk_rows=math.ceil(cfg.loss.chunk_size / num_gpus),
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     from clip.models import get_model_config
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="registered architecture, e.g. ViT-L-14")
-    parser.add_argument("--global-batch", type=int, required=True)
-    parser.add_argument("--samples-seen", type=float, required=True, help="e.g. 12.8e9")
+    parser.add_argument("overrides", nargs="*", help="with --recipe: Hydra overrides, e.g. global_batch_size=65536")
+    parser.add_argument("--recipe", help="configs/experiment/NAME.yaml: the run's settings (replaces the flags below the GPU's)")
     parser.add_argument("--gpu", required=True, help=f"one of {', '.join(PEAK_FLOPS)} (h100 = h100-sxm)")
     parser.add_argument("--num-gpus", type=int, required=True)
     parser.add_argument("--gpu-memory-gib", type=float, default=0.0, help="default: the GPU's datasheet memory")
-    parser.add_argument("--precision", choices=PRECISIONS, default="bf16")
-    parser.add_argument("--grad-checkpointing", action="store_true")
-    parser.add_argument("--micro-batch", type=int, default=0, help="per-GPU micro-batch (default: the largest that fits)")
-    parser.add_argument("--parallel", choices=PARALLELISMS, default="ddp")
-    parser.add_argument("--loss-chunk-rows", type=int, default=0, help="loss computed this many rows at a time (0: plain)")
     parser.add_argument("--mfu", type=float, default=0.0, help=f"measured MFU (default: {ASSUMED_MFU} assumed)")
+    parser.add_argument("--samples-seen", type=float, default=0.0, help="e.g. 12.8e9 (a recipe's: max_steps x global batch)")
+    parser.add_argument("--model", help="registered architecture, e.g. ViT-L-14")
+    parser.add_argument("--global-batch", type=int)
+    parser.add_argument("--precision", choices=PRECISIONS)
+    parser.add_argument("--grad-checkpointing", action="store_true", default=None)
+    parser.add_argument("--micro-batch", type=int, help="per-GPU micro-batch (default: the largest that fits)")
+    parser.add_argument("--parallel", choices=PARALLELISMS)
+    parser.add_argument("--loss-chunk-rows", type=int, help="loss computed this many rows at a time (default 0: plain)")
     args = parser.parse_args(argv)
-    run = RunConfig(
-        name=args.model,
-        model=get_model_config(args.model),
-        global_batch=args.global_batch,
-        samples_seen=args.samples_seen,
-        precision=args.precision,
-        grad_checkpointing=args.grad_checkpointing,
-        micro_batch=args.micro_batch,
-        parallel=args.parallel,
-        loss_chunk_rows=args.loss_chunk_rows,
-    )
-    cluster = ClusterConfig(gpu=args.gpu, num_gpus=args.num_gpus, memory_gib=args.gpu_memory_gib)
+    given = [f"--{flag.replace('_', '-')}" for flag in RECIPE_FLAGS if getattr(args, flag) is not None]
     try:
+        if args.recipe:
+            if given:
+                parser.error(f"{', '.join(given)} cannot be combined with --recipe: override the recipe instead, "
+                             f"e.g. global_batch_size=65536 grad_checkpointing=true")  # fmt: skip
+            run = recipe_run(args.recipe, args.overrides, args.num_gpus, args.samples_seen)
+        else:
+            if args.overrides:
+                parser.error(f"unrecognized arguments: {' '.join(args.overrides)} (overrides need --recipe)")
+            missing = [flag for flag, value in (("--model", args.model), ("--global-batch", args.global_batch),
+                                                ("--samples-seen", args.samples_seen)) if not value]  # fmt: skip
+            if missing:
+                parser.error(f"the following arguments are required without --recipe: {', '.join(missing)}")
+            run = RunConfig(
+                name=args.model,
+                model=get_model_config(args.model),
+                global_batch=args.global_batch,
+                samples_seen=args.samples_seen,
+                precision=args.precision or "bf16",
+                grad_checkpointing=bool(args.grad_checkpointing),
+                micro_batch=args.micro_batch or 0,
+                parallel=args.parallel or "ddp",
+                loss_chunk_rows=args.loss_chunk_rows or 0,
+            )
+        cluster = ClusterConfig(gpu=args.gpu, num_gpus=args.num_gpus, memory_gib=args.gpu_memory_gib)
         print(format_plan(run, cluster, args.mfu or ASSUMED_MFU, mfu_measured=bool(args.mfu)))
+        if args.recipe and not run.micro_batch:
+            split = choose_split(run, cluster)
+            if split.accum_steps > 1:  # the trainer's micro_batch_size=0 means no accumulation
+                print(f"the recipe's whole per-GPU batch does not fit: add micro_batch_size={split.micro_batch}")
     except ValueError as error:
         parser.exit(2, f"plan.py: error: {error}\n")
 

@@ -83,7 +83,7 @@ def test_memory_components():
     ddp = estimate_memory(cfg, micro_batch=64, local_batch=256, global_batch=32768, num_devices=128)
     fsdp = estimate_memory(cfg, micro_batch=64, local_batch=256, global_batch=32768, num_devices=128, parallel="fsdp")
     assert ddp.weights == ddp.gradients == 4 * params.total and ddp.optimizer == 8 * params.total
-    assert fsdp.optimizer == ddp.optimizer / 128 and fsdp.ddp_buckets == 0
+    assert fsdp.optimizer == ddp.optimizer / 128 and fsdp.gradients == ddp.gradients / 128
     assert ddp.logits == 24 * 256 * 32768  # plain [local, global] logits
     chunked = estimate_memory(cfg, micro_batch=64, local_batch=256, global_batch=32768, num_devices=128, loss_chunk_rows=32)
     assert chunked.logits == ddp.logits / 8
@@ -120,3 +120,37 @@ def test_activation_estimate_matches_measured_cpu_memory():
         assert estimated["after_forward_mib"] == pytest.approx(measured["after_forward_mib"], rel=0.15), case
         # The peak estimate counts every gradient and every activation at once: an upper bound.
         assert 0.6 * estimated["peak_mib"] < measured["peak_mib"] < 1.05 * estimated["peak_mib"], case
+
+
+def test_cli_plans_a_recipe_as_the_trainer_composes_it(capsys):
+    cluster = ["--gpu", "h100", "--num-gpus", "256"]
+    plan.main(["--recipe", "vit_l14", *cluster])
+    out = capsys.readouterr().out
+    assert out.startswith("ViT-L-14 (recipe vit_l14): 427.6M parameters, bf16, ddp")
+    assert "global batch 32768 = 256 GPUs x 128 per GPU; micro-batch 128, 1 accumulation step(s)" in out
+    assert "390625 steps to 1.28e+10 samples" in out  # max_steps x global batch
+    assert "recomputation" not in out  # the recipe needs no activation checkpointing on 80 GB GPUs
+    # Hydra overrides after the flags, type-checked like the trainer's.
+    plan.main(["--recipe", "vit_l14", *cluster, "global_batch_size=65536", "grad_checkpointing=true", "max_steps=1000"])
+    out = capsys.readouterr().out
+    assert "65536 = 256 GPUs x 256 per GPU" in out and "(x1.33 for recomputation)" in out and "1000 steps" in out
+    # 16 GPUs cannot hold 2048 pairs each: the plan names the micro-batch to add.
+    plan.main(["--recipe", "vit_l14", "--gpu", "h100", "--num-gpus", "16"])
+    assert "add micro_batch_size=" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--recipe", "vit_l15"], "no recipe 'vit_l15'"),
+        (["--recipe", "vit_l14", "--model", "ViT-B-32"], "--model cannot be combined with --recipe"),
+        (["--recipe", "vit_l14", "optim.lrr=1"], "did you mean optim.lr?"),
+        (["--recipe", "smoke"], "pass --samples-seen"),
+        (["global_batch_size=8"], "overrides need --recipe"),
+        (["--model", "ViT-B-32"], "required without --recipe: --global-batch, --samples-seen"),
+    ],
+)
+def test_cli_recipe_errors_name_the_problem(argv, message, capsys):
+    with pytest.raises(SystemExit) as error:
+        plan.main([*argv, "--gpu", "h100", "--num-gpus", "8"])
+    assert error.value.code == 2 and message in capsys.readouterr().err

@@ -1,0 +1,396 @@
+"""Benchmark one training step: step time, samples/s, MFU and peak memory, ours against OpenCLIP's.
+
+    PYTHONPATH=. python scripts/bench_train.py --model ViT-B-32 --batch 32 --precision fp32 --open-clip
+    PYTHONPATH=. python scripts/bench_train.py --model ViT-B-16 --batch 256 --compile --open-clip   # on a GPU
+    PYTHONPATH=. python scripts/bench_train.py --model ViT-B-32 --batch 64 --shards '/data/{00000..00007}.tar'
+
+**Our step** is the trainer's own, on the module `clip.train.build_train_module` builds (channels_last
+for ResNets, activation checkpointing, torch.compile): `train_step` (forward, fp32 loss, backward,
+gradient norm clipped to 1.0), the step-control exchange (the step's one host-device
+synchronisation), `apply_update` (fused AdamW, temperature clamp) and `zero_grad`.
+
+**OpenCLIP's step** (`--open-clip`; open_clip_torch is a test-only reference) is `open_clip_train`'s
+with its best flags: a model built from the same config (`tests/references.py`) holding our initial
+weights; autocast as `--precision amp_bf16` (its loss runs inside autocast, as in its train loop);
+`--torchcompile` (torch.compile of the whole model) when `--compile`; `ClipLoss(local_loss=True,
+gather_with_grad=True)` (on one process the same math as ours); AdamW with its parameter groups
+and our hyperparameters; `--grad-clip-norm 1.0`; the logit_scale clamp. The first step's losses
+of the two are printed: equal (fp32) or close (autocast) when the comparison is apples to apples.
+
+**Timing.** A synthetic batch (random images, token rows with the end-of-text token at random
+positions) on the device; each implementation runs `--warmup` steps (compilation, optimizer state),
+then steps alternate (ours, OpenCLIP, ours, ...) so both see the same machine load; each step is
+timed from an idle device to an idle device; figures are medians over `--steps`; the torch thread
+count is fixed (`--threads`). MFU = samples/s x training FLOPs per sample (`clip.flops`: forward
+x 3, logits included) / the device's peak (`clip.flops.get_peak_flops`), on known GPUs only.
+Peak memory (CUDA) is the high-water mark of allocated memory during one step above what was
+allocated before the implementation was built (its weights, gradients, AdamW state, activations).
+On CPU memory is not reported (use scripts/measure_memory.py). On CUDA the script also counts the
+synchronising calls in one step (`torch.cuda.set_sync_debug_mode`) and checks that every attention
+call can run on the flash kernel.
+
+**Real shards** (`--shards PATTERN`, ours only): batches from `clip.data.build_train_loader`
+(resampled, `--workers` processes, the real tokenizer and training transform), in the trainer's
+order: the step is queued, the next batch is fetched while the device works, then the exchange
+waits. The data-wait share is the time spent blocked fetching over the wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import statistics
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from clip.config import LossConfig, OptimConfig, TrainConfig, TrainModelConfig
+from clip.distributed import exchange_step_control
+from clip.flops import get_mfu, get_peak_flops, training_flops_per_sample
+from clip.loss import build_loss
+from clip.models import CLIP, get_model_config
+from clip.precision import build_grad_scaler, get_autocast
+from clip.train import apply_update, build_optimizer, build_train_module, to_model_config, train_step
+
+MIB = 2**20
+
+
+def build_config(args: argparse.Namespace) -> TrainConfig:
+    """The trainer's config for this setting (defaults elsewhere: AdamW, clip loss, gradient clip 1.0)."""
+    architecture = get_model_config(args.model)
+    fields = {name: getattr(architecture, name) for name in architecture.__dataclass_fields__}
+    return TrainConfig(
+        output_dir="unused",
+        global_batch_size=args.batch,
+        max_steps=1,
+        precision=args.precision,
+        compile=args.compile,
+        grad_checkpointing=args.grad_checkpointing,
+        model=TrainModelConfig(name=args.model, **fields),
+        optim=OptimConfig(),
+        loss=LossConfig(),
+    )
+
+
+def synthetic_batch(cfg: TrainConfig, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images [B, 3, H, W] ~ N(0, 1) and token rows [B, L] ending at a random end-of-text position."""
+    generator = torch.Generator().manual_seed(seed)
+    size, text = cfg.model.vision.image_size, cfg.model.text
+    images = torch.randn(cfg.global_batch_size, 3, size, size, generator=generator)
+    texts = torch.randint(1, text.eot_token_id, (cfg.global_batch_size, text.context_length), generator=generator)
+    ends = torch.randint(min(5, text.context_length - 1), text.context_length, (cfg.global_batch_size,), generator=generator)
+    positions = torch.arange(text.context_length)
+    texts[positions > ends[:, None]] = 0
+    texts[positions == ends[:, None]] = text.eot_token_id
+    return images.to(device), texts.to(device)
+
+
+class OurStep:
+    """The trainer's training step (see the module docstring)."""
+
+    name = "ours"
+
+    def __init__(self, cfg: TrainConfig, device: torch.device):
+        torch.manual_seed(cfg.seed)
+        self.cfg, self.device = cfg, device
+        self.model = CLIP(to_model_config(cfg.model)).to(device)
+        self.initial_state = {key: value.detach().clone() for key, value in self.model.state_dict().items()}
+        self.module, self.image_format = build_train_module(cfg, self.model, device)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.scaler = build_grad_scaler(cfg.precision, device)
+        self.autocast = get_autocast(cfg.precision, device)
+        self.loss_fn = build_loss(cfg.loss)
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        return images.contiguous(memory_format=self.image_format)
+
+    def __call__(self, images: torch.Tensor, texts: torch.Tensor, while_running: Callable[[], None] = lambda: None) -> float:
+        loss, grad_norm = train_step(
+            self.module, images, texts, self.loss_fn, num_microbatches=1, autocast=self.autocast, scaler=self.scaler,
+            optimizer=self.optimizer, grad_clip_norm=self.cfg.optim.grad_clip_norm,
+        )
+        while_running()  # the trainer fetches the next batch here
+        control = exchange_step_control(True, False, loss, grad_norm, self.device)
+        if control.finite:
+            apply_update(self.model, self.optimizer, self.scaler)
+        self.optimizer.zero_grad(set_to_none=True)
+        return control.mean_loss
+
+
+class OpenClipStep:
+    """open_clip_train's step with its best flags (see the module docstring)."""
+
+    name = "OpenCLIP"
+
+    def __init__(self, cfg: TrainConfig, device: torch.device, initial_state: dict[str, torch.Tensor]):
+        from open_clip.loss import ClipLoss
+        from open_clip_train.precision import get_autocast as openclip_autocast
+
+        from tests.references import build_openclip
+
+        self.model = build_openclip(to_model_config(cfg.model))
+        self.model.load_state_dict(initial_state)  # our initial weights: the same network, value for value
+        self.model.to(device).train()
+        if cfg.grad_checkpointing:
+            self.model.set_grad_checkpointing()
+        # open_clip_train/main.py: no weight decay on gains, biases, BatchNorm and logit_scale.
+        exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa: E731
+        named = list(self.model.named_parameters())
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
+                {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": o.weight_decay},
+            ],
+            lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+        )  # fmt: skip
+        self.forward = torch.compile(self.model) if cfg.compile else self.model  # --torchcompile
+        self.loss_fn = ClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True, rank=0, world_size=1)
+        self.autocast = openclip_autocast({"bf16": "amp_bf16", "fp16": "amp", "fp32": "fp32"}[cfg.precision], device.type)
+        self.scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
+        self.grad_clip_norm = o.grad_clip_norm
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        return images
+
+    def __call__(self, images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
+        # open_clip_train/train.py, train_one_epoch with accum_freq=1.
+        self.optimizer.zero_grad()
+        with self.autocast():
+            image_features, text_features, logit_scale = self.forward(images, texts)
+            loss = self.loss_fn(image_features, text_features, logit_scale)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm, norm_type=2.0)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm, norm_type=2.0)
+            self.optimizer.step()
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(0, math.log(100))
+        return loss.detach()
+
+
+@dataclass
+class Measured:
+    name: str
+    warmup_losses: list[float] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    peak_mib: Optional[float] = None
+    syncs_per_step: Optional[int] = None
+    data_wait: Optional[float] = None
+
+    @property
+    def first_loss(self) -> float:
+        return self.warmup_losses[0]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(step, images, texts, device: torch.device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    step(images, texts)
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def allocated(device: torch.device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
+def warm_up(step, images, texts, device: torch.device, num_steps: int, allocated_before: int) -> Measured:
+    """`num_steps` untimed steps. Records their losses and, on CUDA, the peak memory of the last one
+    above `allocated_before` (what was allocated before `step` was built)."""
+    measured = Measured(step.name)
+    for index in range(num_steps):
+        if device.type == "cuda" and index == num_steps - 1:
+            torch.cuda.reset_peak_memory_stats(device)
+        measured.warmup_losses.append(float(step(images, texts)))
+    if device.type == "cuda":
+        measured.peak_mib = (torch.cuda.max_memory_allocated(device) - allocated_before) / MIB
+    return measured
+
+
+def count_syncs(step, images, texts, device: torch.device) -> Optional[int]:
+    """Synchronising CUDA calls in one step (torch's sync debug mode warns at each); None on CPU."""
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step(images, texts)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchronizing" in str(w.message) for w in caught)
+
+
+def check_flash_attention(ours: OurStep, images: torch.Tensor, texts: torch.Tensor) -> str:
+    """Whether every attention call of our towers can run on the flash kernel (CUDA, half precision)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if ours.device.type != "cuda" or ours.cfg.precision == "fp32":
+        return "not checked (flash attention needs CUDA and bf16/fp16)"
+    try:
+        with torch.no_grad(), sdpa_kernel([SDPBackend.FLASH_ATTENTION]), ours.autocast():
+            ours.model.encode_image(images[:2].contiguous(memory_format=ours.image_format))
+            ours.model.encode_text(texts[:2])
+    except RuntimeError as error:
+        return f"NOT usable: {str(error).splitlines()[0]}"
+    return "usable by every attention call"
+
+
+def bench_synthetic(cfg: TrainConfig, device: torch.device, args: argparse.Namespace) -> list[Measured]:
+    images, texts = synthetic_batch(cfg, device)
+    # Each implementation is warmed up (and its memory measured) before the next one is built.
+    before = allocated(device)
+    ours = OurStep(cfg, device)
+    implementations, results = [ours], [warm_up(ours, ours.prepare(images), texts, device, args.warmup, before)]
+    if args.open_clip:
+        before = allocated(device)
+        theirs = OpenClipStep(cfg, device, ours.initial_state)
+        implementations.append(theirs)
+        results.append(warm_up(theirs, theirs.prepare(images), texts, device, args.warmup, before))
+    inputs = [(implementation.prepare(images), texts) for implementation in implementations]
+    for _ in range(args.steps):  # interleaved: every round runs each implementation once
+        for implementation, (step_images, step_texts), result in zip(implementations, inputs, results):
+            result.seconds.append(timed(implementation, step_images, step_texts, device))
+    for implementation, (step_images, step_texts), result in zip(implementations, inputs, results):
+        result.syncs_per_step = count_syncs(implementation, step_images, step_texts, device)
+    print(f"flash attention: {check_flash_attention(ours, images, texts)}")
+    return results
+
+
+def bench_shards(cfg: TrainConfig, device: torch.device, args: argparse.Namespace) -> list[Measured]:
+    """Our step fed by the real loader, in the trainer's order; records the data-wait share."""
+    from clip.config import DataConfig
+    from clip.data import build_train_loader
+    from clip.tokenizer import get_tokenizer
+    from clip.transforms import image_transform_train
+
+    model_config = to_model_config(cfg.model)
+    data_cfg = DataConfig(train_shards=args.shards, resampled=True, num_workers=args.workers)
+    loader = build_train_loader(
+        data_cfg, batch_size=cfg.global_batch_size, image_transform=image_transform_train(model_config.vision.image_size),
+        tokenize=get_tokenizer(model_config.text), rank=0, world_size=1, seed=0,
+    )  # fmt: skip
+    ours = OurStep(cfg, device)
+    result = Measured(ours.name + " (real shards)")
+    batches = iter(loader)
+    batch = next(batches)  # worker start-up is not timed
+    waited = 0.0
+
+    def fetch_next() -> None:
+        nonlocal batch, waited
+        start = time.perf_counter()
+        batch = next(batches)
+        waited += time.perf_counter() - start
+
+    total = 0.0
+    for index in range(args.warmup + args.steps):
+        if index == args.warmup:
+            waited = 0.0
+        synchronize(device)
+        start = time.perf_counter()
+        images = batch.images.to(device, non_blocking=True, memory_format=ours.image_format)
+        loss = ours(images, batch.texts.to(device, non_blocking=True), while_running=fetch_next)
+        synchronize(device)
+        if index < args.warmup:
+            result.warmup_losses.append(loss)
+        else:
+            result.seconds.append(time.perf_counter() - start)
+            total += result.seconds[-1]
+    result.data_wait = waited / total
+    return [result]
+
+
+def describe_machine(device: torch.device, threads: int) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    model = next(
+        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+        platform.processor(),
+    )
+    return f"CPU {model}, {os.cpu_count()} cores, {threads} torch threads, torch {torch.__version__}"
+
+
+def format_results(cfg: TrainConfig, device: torch.device, results: list[Measured]) -> str:
+    model_config = to_model_config(cfg.model)
+    flops = training_flops_per_sample(model_config, global_batch=cfg.global_batch_size) if model_config.vision.kind != "timm" else 0.0
+    precision = "tf32" if cfg.precision == "fp32" and torch.backends.cuda.matmul.allow_tf32 else cfg.precision
+    peak = get_peak_flops(torch.cuda.get_device_name(device), precision) if device.type == "cuda" else None
+    lines = [f"{'':<22}{'step ms':>10}{'samples/s':>11}{'MFU':>7}{'peak MiB':>10}{'syncs':>7}{'data wait':>11}  first loss"]
+    for result in results:
+        samples_per_s = cfg.global_batch_size / result.median
+        mfu = get_mfu(samples_per_s, flops, peak) if flops else None
+        cells = [
+            f"{1000 * result.median:10.1f}",
+            f"{samples_per_s:11.1f}",
+            f"{100 * mfu:6.1f}%" if mfu is not None else f"{'-':>7}",
+            f"{result.peak_mib:10.0f}" if result.peak_mib is not None else f"{'-':>10}",
+            f"{result.syncs_per_step:7d}" if result.syncs_per_step is not None else f"{'-':>7}",
+            f"{100 * result.data_wait:10.1f}%" if result.data_wait is not None else f"{'-':>11}",
+        ]
+        lines.append(f"{result.name:<22}{''.join(cells)}  {result.first_loss:.6f}")
+    if len(results) == 2:
+        ratio = results[0].median / results[1].median
+        lines.append(f"step time ratio ours/OpenCLIP: {ratio:.3f} (median of {len(results[0].seconds)} interleaved steps)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[Measured]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="ViT-B-32", help="registered architecture (clip.list_models())")
+    parser.add_argument("--batch", type=int, default=32, help="per-device batch")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="bf16")
+    parser.add_argument("--compile", action="store_true", help="torch.compile (ours: the trainer's; OpenCLIP: --torchcompile)")
+    parser.add_argument("--grad-checkpointing", action="store_true")
+    parser.add_argument("--open-clip", action="store_true", help="also OpenCLIP's step with its best flags")
+    parser.add_argument("--shards", default="", help="measure our step on these WebDataset shards (brace pattern)")
+    parser.add_argument("--workers", type=int, default=2, help="loader worker processes with --shards")
+    parser.add_argument("--steps", type=int, default=7, help="timed steps per implementation (median)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, optimizer state)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    args = parser.parse_args(argv)
+    if args.shards and args.open_clip:
+        parser.error("--open-clip compares on synthetic batches; run --shards without it")
+    if args.warmup < 1 or args.steps < 1:
+        parser.error("--warmup and --steps must be >= 1")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)  # fmt: skip
+    torch.set_num_threads(args.threads or os.cpu_count())
+    torch.backends.cudnn.benchmark = True  # as the trainer (unless deterministic) and open_clip_train do
+    cfg = build_config(args)
+
+    load_before = os.getloadavg()[0]
+    results = bench_shards(cfg, device, args) if args.shards else bench_synthetic(cfg, device, args)
+    print(
+        f"{args.model}, batch {args.batch}, {args.precision}, {'compiled' if args.compile else 'eager'}"
+        f"{', activation checkpointing' if args.grad_checkpointing else ''}, "
+        f"{'shards ' + args.shards if args.shards else 'synthetic batch'}; {describe_machine(device, torch.get_num_threads())}; "
+        f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after"
+    )
+    print(format_results(cfg, device, results))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""The trainer's fast path, proven on CPU where a GPU is not needed to prove it.
+
+torch.compile of the towers traces without graph breaks and gives eager's gradients; channels_last
+changes the ResNet's layout, not its result; every attention call of the registered architectures
+meets the CUDA flash kernel's input conditions under bf16 autocast; and a non-logging training step
+reads the device exactly once, in the step-control exchange.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import clip.train as train_module
+from clip.config import OptimConfig
+from clip.loss import ClipLoss
+from clip.models import CLIP, get_model_config
+from clip.objective import ContrastiveModel, forward_backward
+from clip.train import build_optimizer, build_train_module, train
+from tests.train_fixtures import tiny_train_config, use_memory_data
+
+CLIP_PACKAGE = Path(train_module.__file__).resolve().parent
+
+
+def _tiny(name: str, **vision):
+    cfg = get_model_config(name)
+    cfg.text.context_length = 8
+    for key, value in vision.items():
+        setattr(cfg.vision, key, value)
+    return cfg
+
+
+def _batch(cfg, size: int = 8, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(size, 3, cfg.vision.image_size, cfg.vision.image_size, generator=generator)
+    texts = torch.randint(1, 1000, (size, cfg.text.context_length), generator=generator)
+    texts[:, 5] = cfg.text.eot_token_id
+    return images, texts
+
+
+def _gradients(module, images, texts, num_microbatches: int = 1, seed: int = 5):
+    module.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)  # patch dropout draws from the global generator
+    loss = forward_backward(module, images, texts, ClipLoss(), num_microbatches=num_microbatches)
+    return loss, {name: p.grad.clone() for name, p in module.named_parameters()}
+
+
+def _assert_close_gradients(got: dict, expected: dict, rtol: float) -> None:
+    assert got.keys() == expected.keys()
+    # Some gradients are zero up to rounding (an attention key bias shifts every score equally), so
+    # each is compared relative to its own size, but at least 1e-3 of the model's largest.
+    floor = 1e-3 * max(g.abs().max() for g in expected.values())
+    for name in expected:
+        error = (got[name] - expected[name]).abs().max() / expected[name].abs().max().clamp_min(floor)
+        assert error <= rtol, f"{name}: relative error {error:.2e}"
+
+
+def _compiled_matches_eager(cfg, backend: str, num_microbatches: tuple[int, ...], rtol: float) -> None:
+    torch.manual_seed(0)
+    module = ContrastiveModel(CLIP(cfg))
+    images, texts = _batch(cfg)
+    eager = {k: _gradients(module, images, texts, k) for k in num_microbatches}
+    # fullgraph=True: a graph break anywhere in either tower (or in the features' normalisation) fails.
+    module.compile(backend=backend, fullgraph=True)
+    for k in num_microbatches:
+        loss, gradients = _gradients(module, images, texts, k)
+        assert torch.allclose(loss, eager[k][0], rtol=rtol), (k, loss, eager[k][0])
+        _assert_close_gradients(gradients, eager[k][1], rtol)
+
+
+def test_compiled_vit_traces_in_one_graph_and_matches_eager_with_gradient_caching():
+    # Patch dropout under GradCache: the compiled passes must replay the same random masks.
+    _compiled_matches_eager(_tiny("tiny-vit", patch_dropout=0.5), "aot_eager", (1, 2), rtol=1e-6)
+
+
+def test_compiled_resnet_traces_in_one_graph_and_matches_eager():
+    _compiled_matches_eager(_tiny("tiny-resnet"), "aot_eager", (1,), rtol=1e-6)
+
+
+@pytest.mark.slow  # inductor's first CPU compile of forward + backward takes about a minute on 2 cores
+def test_inductor_compiled_vit_matches_eager_with_gradient_caching():
+    _compiled_matches_eager(_tiny("tiny-vit", patch_dropout=0.5), "inductor", (1, 2), rtol=1e-4)
+
+
+def test_train_module_applies_channels_last_to_resnets_only_and_compiles_on_request(tmp_path):
+    resnet_cfg = tiny_train_config(tmp_path, "model=tiny-resnet")
+    torch.manual_seed(0)
+    reference = CLIP(train_module.to_model_config(resnet_cfg.model))
+    model = CLIP(train_module.to_model_config(resnet_cfg.model))
+    model.load_state_dict(reference.state_dict())
+    module, image_format = build_train_module(resnet_cfg, model, torch.device("cpu"))
+    assert image_format == torch.channels_last
+    convolutions = [m.weight for m in model.visual.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convolutions and all(w.is_contiguous(memory_format=torch.channels_last) for w in convolutions)
+    assert not any(w.is_contiguous() for w in convolutions if w.shape[-1] > 1)  # 1x1 kernels are both
+    assert model.state_dict().keys() == reference.state_dict().keys()
+    # The layout changes the kernels' summation order, not the result.
+    images, texts = _batch(model.config)
+    _, expected = _gradients(ContrastiveModel(reference), images, texts)
+    _, got = _gradients(module, images.contiguous(memory_format=image_format), texts)
+    _assert_close_gradients(got, expected, rtol=1e-4)
+    assert module._compiled_call_impl is None  # compile unset: not on CPU
+
+    vit_cfg = tiny_train_config(tmp_path, "compile=true")
+    vit = CLIP(train_module.to_model_config(vit_cfg.model))
+    module, image_format = build_train_module(vit_cfg, vit, torch.device("cpu"))
+    assert image_format == torch.contiguous_format and vit.visual.conv1.weight.is_contiguous()
+    assert module._compiled_call_impl is not None
+    # Fused AdamW: one multi-tensor kernel, no host reads of the step counters.
+    assert build_optimizer(vit, OptimConfig()).defaults["fused"] is True
+
+
+# CUDA's flash kernel (FlashAttention-2) needs: fp16/bf16 inputs, no explicit mask (causal is a
+# flag), no dropout, a head dimension that is a multiple of 8 and at most 256, and a contiguous last
+# dimension. Each registered architecture's widths, cut to one block per tower.
+@pytest.mark.parametrize("name", ["ViT-B-16", "ViT-L-14", "ViT-H-14", "ViT-g-14", "ViT-bigG-14", "RN50"])
+def test_every_attention_call_meets_the_flash_kernels_conditions_under_bf16(name, monkeypatch):
+    cfg = get_model_config(name)
+    cfg.text.layers = 1
+    if cfg.vision.kind == "vit":
+        cfg.vision.layers = 1
+    else:
+        cfg.vision.stage_blocks = [1, 1, 1, 1]
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **kwargs):
+        calls.append((q.dtype, k.dtype, v.dtype, attn_mask, dropout_p, q.shape[-1], q.stride(-1), k.stride(-1), v.stride(-1)))
+        return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording_sdpa)
+    model = CLIP(cfg)
+    images, texts = _batch(cfg, size=1)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model.encode_image(images)
+        model.encode_text(texts)
+    assert len(calls) == 2  # one per tower (a ResNet's is its attention pool)
+    for q_dtype, k_dtype, v_dtype, mask, dropout, head_dim, *strides in calls:
+        assert q_dtype == k_dtype == v_dtype == torch.bfloat16
+        assert mask is None and dropout == 0.0
+        assert head_dim % 8 == 0 and head_dim <= 256, head_dim
+        assert strides == [1, 1, 1]
+
+
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__", "__format__")
+
+
+def test_a_training_step_reads_the_device_once(tmp_path, monkeypatch):
+    """On a GPU each of these calls would wait for the device. Only the step-control exchange may."""
+    use_memory_data(monkeypatch)
+    reads: Counter = Counter()
+    steps = {"started": 0}
+
+    def recorder(method_name):
+        method = getattr(torch.Tensor, method_name)
+
+        def record(tensor, *args, **kwargs):
+            if 2 <= steps["started"] <= 4:  # steps 2-4 and their bookkeeping: none logs, checkpoints or evaluates
+                frame = sys._getframe(1)
+                while frame is not None and CLIP_PACKAGE not in Path(frame.f_code.co_filename).resolve().parents:
+                    frame = frame.f_back
+                if frame is not None:
+                    reads[(Path(frame.f_code.co_filename).name, frame.f_code.co_name, method_name)] += 1
+            return method(tensor, *args, **kwargs)
+
+        return record
+
+    real_train_step = train_module.train_step
+
+    def counted_train_step(*args, **kwargs):
+        steps["started"] += 1
+        return real_train_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_step", counted_train_step)
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, recorder(name))
+    train(tiny_train_config(tmp_path, "max_steps=6", "log.every_steps=100", "checkpoint.every_steps=0",
+                            "checkpoint.export=false"))  # fmt: skip
+    assert steps["started"] == 6
+    # Three steps, one exchange each: one device-to-host copy and the read of its host copy.
+    assert reads == {("distributed.py", "exchange_step_control", "cpu"): 3,
+                     ("distributed.py", "exchange_step_control", "tolist"): 3}  # fmt: skip
