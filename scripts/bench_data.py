@@ -25,8 +25,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from clip.config import DataConfig
+from clip.config import DataConfig, TextConfig
 from clip.data import build_train_loader
+from clip.tokenizer import get_tokenizer
 from clip.transforms import image_transform_train
 
 
@@ -58,15 +59,8 @@ def write_bench_shards(directory: str, num_shards: int, per_shard: int, seed: in
 
 
 def get_tokenize():
-    try:  # the library's tokenizer, once it exists
-        from clip.config import TextConfig
-        from clip.tokenizer import get_tokenizer
-
-        return get_tokenizer(TextConfig()), "clip.tokenizer"
-    except ImportError:
-        import open_clip
-
-        return open_clip.tokenize, "open_clip.tokenize"
+    """The library's tokenizer for the default text tower; both pipelines use it, so only loading differs."""
+    return get_tokenizer(TextConfig()), "clip.tokenizer"
 
 
 def timed(batches, num_batches: int) -> tuple[float, float]:
