@@ -1,0 +1,53 @@
+"""CUDA-only checks: skipped where no GPU is visible (CI has none).
+
+Run them on a GPU machine with `pytest tests/test_cuda.py`. Both were first run as scripts on an
+H100 (docs/benchmarks.md, docs/api.md); this file is their permanent form.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import clip
+from clip.models.weights import export_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_train.py"
+
+
+@pytest.mark.parametrize("name", ["ViT-B-32-quickgelu", "RN50-quickgelu"])
+def test_load_on_cuda_is_fp16_and_matches_the_fp32_cpu_model(name, tmp_path):
+    """clip.load on a GPU applies OpenAI's fp16 rule; the embeddings stay those of the fp32 model."""
+    torch.manual_seed(0)
+    reference = clip.create_model(name).eval()
+    path = export_model(reference, tmp_path / "model.safetensors")
+    model, _ = clip.load(str(path), device="cuda")
+    assert model.visual.conv1.weight.dtype == torch.float16  # OpenAI's rule: convolutions in fp16 ...
+    assert model.ln_final.weight.dtype == torch.float32  # ... LayerNorm in fp32
+    size = reference.config.vision.image_size
+    images = torch.randn(4, 3, size, size)
+    text = clip.tokenize(["a photo of a cat", "a dog", "x", "a diagram of a bridge"])
+    with torch.no_grad():
+        want = reference.encode_image(images, normalize=True), reference.encode_text(text, normalize=True)
+        got = model.encode_image(images.cuda().half(), normalize=True), model.encode_text(text.cuda(), normalize=True)
+    for got_features, want_features in zip(got, want):
+        cosine = torch.nn.functional.cosine_similarity(got_features.float().cpu(), want_features, dim=-1)
+        assert cosine.min().item() > 0.999
+
+
+def test_training_step_syncs_once_and_attention_is_flash_eligible(capsys):
+    """Our bf16 step reads the device once (the step-control exchange), and every attention call can
+    run on the flash kernel."""
+    spec = importlib.util.spec_from_file_location("bench_train", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench_train"] = bench  # dataclasses look their module up while the class is created
+    spec.loader.exec_module(bench)
+    (ours,) = bench.main(["--model", "tiny-vit", "--batch", "16", "--steps", "2", "--warmup", "2", "--device", "cuda"])
+    assert ours.syncs_per_step == 1
+    assert "flash attention: usable by every attention call" in capsys.readouterr().out
