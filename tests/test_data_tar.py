@@ -82,6 +82,29 @@ def test_every_cut_point_is_detected_and_complete_samples_survive(tmp_path):
     assert silent_in_tarfile > 0  # the failure mode this reader exists for
 
 
+def test_a_zeroed_stretch_is_not_taken_for_the_end_of_the_archive(tmp_path):
+    """Two zero blocks mid-file look like the end-of-archive marker; the data after them says otherwise."""
+    path = str(tmp_path / "a.tar")
+    keys = [f"k{i}" for i in range(4)]
+    write_shard(path, keys)
+    members = member_offsets(path)
+    k1 = [m for m in members if m[0].startswith("k1.")]
+    start, end = k1[0][1], k1[-1][2] + k1[-1][3]  # k1's first header .. the end of its last member's data
+    end += -end % 512
+    with open(path, "r+b") as f:  # a damaged disk block: k1 zeroed in place, k2 and k3 intact after it
+        f.seek(start)
+        f.write(bytes(end - start))
+    records, events = split(read(path))
+    assert [r.key for r in records] == ["k0"]
+    assert [e.reason for e in events] == ["truncated_shard"]
+    assert f"after an end-of-archive marker at byte {start}" in events[0].detail
+    # the intact file, padded by tarfile to a whole record after its marker, reads whole
+    write_shard(path, keys)
+    assert os.path.getsize(path) % 10240 == 0
+    records, events = split(read(path))
+    assert [r.key for r in records] == keys and events == []
+
+
 def test_corrupt_header_and_manifest_mismatch_count_as_truncated(tmp_path):
     path = str(tmp_path / "a.tar")
     write_shard(path, ["a", "b", "c"])

@@ -151,6 +151,7 @@ def iter_members(
                 if fileobj.read(BLOCK) != _ZERO_BLOCK:
                     raise _Truncated(f"has a zero block at byte {stream.offset - BLOCK} without the second "
                                      "zero block of an end-of-archive marker")
+                _check_only_padding_follows(fileobj, stream.offset + BLOCK)
                 return
             if not _checksum_ok(header):
                 raise _Truncated(f"has a corrupt header at byte {stream.offset - BLOCK}")
@@ -189,6 +190,19 @@ def iter_members(
         yield SkipEvent("truncated_shard", url, "", f"{url} {e}")
     except ValueError as e:  # unparsable size or pax field
         yield SkipEvent("truncated_shard", url, "", f"{url} has a corrupt header near byte {stream.offset}: {e}")
+
+
+def _check_only_padding_follows(fileobj: BinaryIO, marker_end: int) -> None:
+    """After the end-of-archive marker a tar file holds only zeros (writers pad it to a whole record,
+    10 KiB for tar and Python's tarfile). Anything else means the marker was not the end: a zeroed
+    stretch of a damaged file looks exactly like one and would hide every member after it."""
+    offset = marker_end
+    while chunk := fileobj.read(_SKIP_CHUNK):
+        if chunk.count(0) != len(chunk):
+            first = offset + next(i for i, byte in enumerate(chunk) if byte)
+            raise _Truncated(f"has data at byte {first} after an end-of-archive marker at byte {marker_end - 2 * BLOCK}: "
+                             "a zeroed stretch inside the file, the members after it are lost")
+        offset += len(chunk)
 
 
 def split_key(name: str) -> tuple[str, str]:
