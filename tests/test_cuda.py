@@ -6,19 +6,14 @@ H100 (docs/benchmarks.md, docs/api.md); this file is their permanent form.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 import clip
 from clip.models.weights import export_model
+from tests.test_bench_train import bench  # noqa: F401  (the fixture that loads scripts/bench_train.py)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_train.py"
 
 
 @pytest.mark.parametrize("name", ["ViT-B-32-quickgelu", "RN50-quickgelu"])
@@ -41,13 +36,9 @@ def test_load_on_cuda_is_fp16_and_matches_the_fp32_cpu_model(name, tmp_path):
         assert cosine.min().item() > 0.999
 
 
-def test_training_step_syncs_once_and_attention_is_flash_eligible(capsys):
+def test_training_step_syncs_once_and_attention_is_flash_eligible(bench, capsys):  # noqa: F811
     """Our bf16 step reads the device once (the step-control exchange), and every attention call can
     run on the flash kernel."""
-    spec = importlib.util.spec_from_file_location("bench_train", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules["bench_train"] = bench  # dataclasses look their module up while the class is created
-    spec.loader.exec_module(bench)
     (ours,) = bench.main(["--model", "tiny-vit", "--batch", "16", "--steps", "2", "--warmup", "2", "--device", "cuda"])
     assert ours.syncs_per_step == 1
     assert "flash attention: usable by every attention call" in capsys.readouterr().out
