@@ -77,6 +77,17 @@ def test_preemption_checkpoints_the_current_step_and_the_rerun_matches_the_refer
     assert steps == list(range(1, 13))  # the resumed run goes on at step 7, never backwards
 
 
+def test_a_resumed_run_replays_the_random_state_of_the_uninterrupted_one(tmp_path):
+    # G1: patch dropout draws from the trainer's RNG every step, so a resume that did not restore
+    # the checkpointed RNG state would drop other patches than the uninterrupted run.
+    dropout = ["model.vision.patch_dropout=0.5", "max_steps=8"]
+    train(tiny_train_config(tmp_path / "reference", *dropout))
+    assert train(tiny_train_config(tmp_path / "run", *dropout, "fault.signal_at_step=6")).step == 6
+    train(tiny_train_config(tmp_path / "run", *dropout))
+    _assert_same_tensors(load_model_state(tmp_path / "run" / "checkpoints" / "step-8"),
+                         load_model_state(tmp_path / "reference" / "checkpoints" / "step-8"))
+
+
 def test_a_non_finite_step_is_skipped_and_counted(tmp_path):
     # The run ends at step 5, so that step is checkpointed (a skipped step is not, periodically).
     result = train(tiny_train_config(tmp_path, "fault.nan_at_steps=[5]", "checkpoint.every_steps=1", "max_steps=5"))
