@@ -88,6 +88,19 @@ def test_a_resumed_run_replays_the_random_state_of_the_uninterrupted_one(tmp_pat
                          load_model_state(tmp_path / "reference" / "checkpoints" / "step-8"))
 
 
+def test_a_resumed_fp16_run_keeps_its_loss_scale(tmp_path):
+    # G1: skipped steps (the injected one at step 2, and any fp16 overflow) lower the loss scale
+    # from its initial 2**16; the resumed run must go on with the lowered one.
+    fp16 = ["precision=fp16", "deterministic=false", "max_steps=8", "fault.nan_at_steps=[2]"]
+    train(tiny_train_config(tmp_path / "reference", *fp16))
+    assert train(tiny_train_config(tmp_path / "run", *fp16, "fault.signal_at_step=6")).step == 6
+    train(tiny_train_config(tmp_path / "run", *fp16))
+    states = [torch.load(tmp_path / run / "checkpoints" / "step-8" / "train_state.pt", weights_only=True)
+              for run in ("reference", "run")]
+    assert states[0]["scaler"]["scale"] == states[1]["scaler"]["scale"] < 2.0**16
+    _assert_same_tensors(states[0]["model"], states[1]["model"])
+
+
 def test_a_non_finite_step_is_skipped_and_counted(tmp_path):
     # The run ends at step 5, so that step is checkpointed (a skipped step is not, periodically).
     result = train(tiny_train_config(tmp_path, "fault.nan_at_steps=[5]", "checkpoint.every_steps=1", "max_steps=5"))
