@@ -111,14 +111,17 @@ def test_a_non_finite_step_is_skipped_and_counted(tmp_path):
     assert read_metrics(tmp_path)[-1]["train/nonfinite_steps"] == 1
 
 
-def test_an_infinite_loss_is_skipped_too(tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["loss", "gradient"])
+def test_an_infinite_loss_or_gradient_is_skipped_too(tmp_path, monkeypatch, where):
     real_forward_backward = train_module.forward_backward
     calls = []
 
-    def forward_backward(*args, **kwargs):
+    def forward_backward(model, *args, **kwargs):
         calls.append(1)
-        loss = real_forward_backward(*args, **kwargs)
-        return loss + float("inf") if len(calls) == 3 else loss
+        loss = real_forward_backward(model, *args, **kwargs)
+        if len(calls) == 3 and where == "gradient":  # a finite loss whose gradient overflowed
+            next(model.parameters()).grad.view(-1)[0] = float("inf")
+        return loss + float("inf") if len(calls) == 3 and where == "loss" else loss
 
     monkeypatch.setattr(train_module, "forward_backward", forward_backward)
     train(tiny_train_config(tmp_path, "max_steps=3", "checkpoint.every_steps=1"))
@@ -128,11 +131,36 @@ def test_an_infinite_loss_is_skipped_too(tmp_path, monkeypatch):
 
 
 def test_repeated_non_finite_steps_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path):
+    # Checkpoints are due at every step, but skipped steps 5 and 6 are not checkpointed.
     with pytest.raises(NonFiniteLossError, match=r"steps 5-7 on rank\(s\) \[0\].*last good checkpoint: step-4"):
-        train(tiny_train_config(tmp_path, "fault.nan_at_steps=[5,6,7]"))
+        train(tiny_train_config(tmp_path, "fault.nan_at_steps=[5,6,7]", "checkpoint.every_steps=1"))
     latest = ckpt.find_latest(tmp_path / "checkpoints")
     assert latest.name == "step-4"
     assert all(torch.isfinite(t).all() for t in load_model_state(latest).values())
+
+
+def test_non_finite_steps_stop_the_run_only_when_consecutive_or_too_many(tmp_path):
+    nan_steps = "fault.nan_at_steps=[3,5,7]"
+    assert train(tiny_train_config(tmp_path / "a", nan_steps, "max_steps=8")).step == 8  # a good step resets the streak
+    assert read_metrics(tmp_path / "a")[-1]["train/nonfinite_steps"] == 3
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at 3 steps in total"):
+        train(tiny_train_config(tmp_path / "b", nan_steps, "max_steps=8", "nan.max_total=3"))
+
+
+def test_a_non_finite_parameter_or_optimizer_moment_is_never_checkpointed():
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 2)).sum().backward()
+    optimizer.step()
+    train_module.assert_finite_state(model, optimizer, step=1)
+    optimizer.state[model.bias]["exp_avg_sq"][0] = float("nan")
+    with pytest.raises(NonFiniteLossError, match="step 2: optimizer exp_avg_sq holds non-finite values"):
+        train_module.assert_finite_state(model, optimizer, step=2)
+    optimizer.state[model.bias]["exp_avg_sq"].zero_()
+    with torch.no_grad():
+        model.weight[0, 0] = float("inf")
+    with pytest.raises(NonFiniteLossError, match="step 3: parameter weight holds non-finite values"):
+        train_module.assert_finite_state(model, optimizer, step=3)
 
 
 def test_resume_never_refuses_a_run_dir_with_checkpoints_and_changes_nothing(tmp_path, reference_run):
