@@ -121,6 +121,19 @@ def test_uneven_ranks_stop_together_at_the_planned_step(tmp_path):
     assert [[len(epoch) for epoch in rank] for rank in per_rank] == [[2, 2], [2, 2]]
 
 
+def test_resume_mid_epoch_keeps_the_planned_epoch_length(tmp_path):
+    """G5 + G7: a rank with more data than the planned steps still ends the resumed epoch at the planned step."""
+    make_shards(str(tmp_path), 2, [30, 10])
+    cfg = data_config(f"{tmp_path}/shard-{{000..001}}.tar")
+    kwargs = loader_kwargs(batch_size=5, rank=0, world_size=2)  # rank 0 has 6 batches, the plan 2
+    ref_keys = collect(build_train_loader(cfg, **kwargs))[0]
+    first = build_train_loader(cfg, **kwargs)
+    collect(first, limit=1)
+    resumed = build_train_loader(cfg, **kwargs)
+    resumed.load_state_dict(first.state_dict())
+    assert collect(resumed)[0] == ref_keys[1:] and len(ref_keys) == 2
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_resume_mid_epoch_yields_exactly_the_remaining_batches(tmp_path, num_workers):
     """G5: stop after 7 batches, save the state through a weights_only checkpoint, resume in a new loader."""
