@@ -184,7 +184,7 @@ def test_mixing_weights_are_respected(tmp_path):
 def test_unreadable_shard_is_skipped_and_counted(tmp_path, caplog):
     """G9: a shard vanishing after startup costs its samples, not the run."""
     paths = make_shards(str(tmp_path), 4, 6)
-    cfg = data_config(f"{tmp_path}/shard-{{000..003}}.tar")
+    cfg = data_config(f"{tmp_path}/shard-{{000..003}}.tar", max_unreadable_shards=1)  # exactly at the limit
     loader = build_train_loader(cfg, **loader_kwargs(batch_size=1))
     os.remove(paths[2])
     with caplog.at_level(logging.WARNING, logger="clip.data"):
