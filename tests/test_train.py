@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import shutil
+import signal
 
 import pytest
 import torch
@@ -75,6 +77,30 @@ def test_preemption_checkpoints_the_current_step_and_the_rerun_matches_the_refer
                          load_model_state(reference_run[0] / "checkpoints" / "step-12"))
     steps = [e["step"] for e in read_metrics(tmp_path) if "train/loss" in e]
     assert steps == list(range(1, 13))  # the resumed run goes on at step 7, never backwards
+
+
+def test_sigusr1_preempts_like_sigterm_and_the_handlers_are_restored(tmp_path, monkeypatch):
+    # G6: SLURM's `--signal=USR1@90` warning. Sent by the process to itself during step 3.
+    real_forward_backward = train_module.forward_backward
+    calls = []
+
+    def forward_backward(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return real_forward_backward(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "forward_backward", forward_backward)
+    ignore = signal.signal(signal.SIGUSR1, lambda signum, frame: None)  # should the trainer not catch it
+    try:
+        before = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR1)}
+        result = train(tiny_train_config(tmp_path))
+    finally:
+        after = {signum: signal.getsignal(signum) for signum in before}
+        signal.signal(signal.SIGUSR1, ignore)
+    assert result.preempted and result.step == 3
+    assert ckpt.find_latest(tmp_path / "checkpoints").name == "step-3"
+    assert after == before
 
 
 def test_a_resumed_run_replays_the_random_state_of_the_uninterrupted_one(tmp_path):
