@@ -244,6 +244,24 @@ def test_logit_scale_is_clamped_after_every_step_and_on_load(tmp_path, reference
     assert "logit_scale 7.0000 is outside [0, ln 100]: clamped" in caplog.text
     assert load_model_state(tmp_path / "b" / "checkpoints" / "step-13")["logit_scale"].item() <= ln_100
 
+    # And one below 0 (a temperature above 1) is raised to 0, on load and after the step.
+    train_state["model"]["logit_scale"] = torch.tensor(-1.0)
+    ckpt.save_checkpoint(tmp_path / "c" / "checkpoints", 12, train_state, rank_state, rank=0, keep_last=2,
+                         manifest_extra={})
+    with caplog.at_level(logging.WARNING, logger="clip.train"):
+        train(tiny_train_config(tmp_path / "c", "max_steps=13", "checkpoint.allow_config_change=[max_steps]"))
+    assert "logit_scale -1.0000 is outside [0, ln 100]: clamped" in caplog.text
+    assert load_model_state(tmp_path / "c" / "checkpoints" / "step-13")["logit_scale"].item() >= 0.0
+
+
+def test_resume_with_another_world_size_is_refused(tmp_path, reference_run):
+    # G17: in exact-data mode the data position belongs to the world size it was saved with.
+    train_state, rank_state = ckpt.load_checkpoint(reference_run[0] / "checkpoints" / "step-12", rank=0)
+    train_state["world_size"] = 2
+    ckpt.save_checkpoint(tmp_path / "checkpoints", 12, train_state, rank_state, rank=0, keep_last=2, manifest_extra={})
+    with pytest.raises(ConfigError, match=r"world_size: 2 -> 1"):
+        train(tiny_train_config(tmp_path, "max_steps=13", "checkpoint.allow_config_change=[max_steps]"))
+
 
 def test_a_locked_tower_does_not_change(tmp_path):
     train(tiny_train_config(tmp_path, "lock_image=true", "max_steps=2", "checkpoint.every_steps=1"))
