@@ -256,6 +256,22 @@ def test_epochs_advance_and_set_epoch_drops_a_stale_position(tmp_path):
     assert epoch0 != epoch1
 
 
+def test_identical_images_get_their_own_random_crops(tmp_path):
+    """Each sample draws its own crop (seeded by its position, so that a resume replays it)."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.effect_mandelbrot((64, 64), (-2.0, -1.5, 1.0, 1.5), 100).convert("RGB").save(buffer, format="PNG")
+    with tarfile.open(tmp_path / "same.tar", "w") as tar:
+        for i in range(8):
+            add_member(tar, f"{i}.png", buffer.getvalue())
+            add_member(tar, f"{i}.txt", b"a caption")
+    write_sizes(str(tmp_path), {"same.tar": 8})
+    _, images, _ = collect(build_train_loader(data_config(f"{tmp_path}/same.tar"), **loader_kwargs(batch_size=8)))
+    # Crops of 90-100% of the image at 8 pixels may coincide now and then, but not all of them.
+    assert len({image.numpy().tobytes() for image in images[0]}) > 4
+
+
 def test_loading_in_process_leaves_the_trainer_rng_alone(tmp_path):
     make_shards(str(tmp_path), 1, 8)
     loader = build_train_loader(data_config(f"{tmp_path}/shard-000.tar"), **loader_kwargs())

@@ -189,6 +189,16 @@ def test_a_non_finite_parameter_or_optimizer_moment_is_never_checkpointed():
         train_module.assert_finite_state(model, optimizer, step=3)
 
 
+def test_startup_removes_the_leftovers_of_interrupted_saves_and_deletions(tmp_path):
+    # G2: a kill mid-save leaves `step-N.tmp`, a kill mid-retention `step-N.deleting`; a relaunch
+    # removes them even when it never saves step N again.
+    checkpoints = tmp_path / "checkpoints"
+    (checkpoints / "step-99.tmp").mkdir(parents=True)
+    (checkpoints / "step-3.deleting").mkdir()
+    train(tiny_train_config(tmp_path, "max_steps=1"))
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step-1"]
+
+
 def test_resume_never_refuses_a_run_dir_with_checkpoints_and_changes_nothing(tmp_path, reference_run):
     run_dir = tmp_path / "run"
     shutil.copytree(reference_run[0], run_dir)
