@@ -18,7 +18,12 @@ import torch
 import torch.multiprocessing as mp
 
 import clip.train as train_module
-from tests.train_fixtures import load_model_state, read_metrics, tiny_train_config, use_memory_data
+from tests.train_fixtures import (
+    load_model_state,
+    read_metrics,
+    tiny_train_config,
+    use_memory_data,
+)
 
 TIMEOUT_S = 120
 
