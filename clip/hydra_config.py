@@ -54,8 +54,7 @@ def to_train_config(cfg: DictConfig, model_choice: str | None = None) -> TrainCo
     `model.name` alone would relabel an architecture, not select one).
     """
     try:
-        # Hydra reports `???` values only when they are read: read them all now.
-        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        # Builds the TrainConfig dataclasses, reading every value: a `???` left anywhere raises here.
         config = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as error:
         raise explain_config_error(error) from None
