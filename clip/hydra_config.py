@@ -19,6 +19,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.errors import OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
@@ -94,6 +95,8 @@ def compose_train_config(config_dir: str | Path, overrides: Sequence[str] = (), 
 
 def explain_config_error(error: BaseException) -> ConfigError:
     """A ConfigError from a Hydra/OmegaConf error: the full key, and the nearest valid key if unknown."""
+    if isinstance(error, OverrideParseException):
+        return ConfigError(_override_syntax_message(error))
     # Hydra wraps OmegaConf's error, which carries the full key ("optim.lrr"), in its own message.
     cause: BaseException | None = error
     while cause is not None and not getattr(cause, "full_key", None):
@@ -105,6 +108,17 @@ def explain_config_error(error: BaseException) -> ConfigError:
     if isinstance(cause, MissingMandatoryValue):
         return ConfigError(f"{full_key} is required: set {full_key}=...")
     return ConfigError(_unknown_key_message(full_key, f"{full_key}: {str(cause).strip().splitlines()[0]}"))
+
+
+def _override_syntax_message(error: OverrideParseException) -> str:
+    """Hydra's grammar error, with the quoting that fixes the usual cause: a shard pattern's braces
+    (or a comma, space or colon) in an unquoted value, once the shell has removed its own quotes."""
+    reason = error.message.strip().splitlines()[0]
+    key, sep, value = error.override.partition("=")
+    text = f"cannot parse the override {error.override!r}: {reason}"
+    if sep and value and value[0] not in "'\"[" and re.search(r"[{}(),: ]", value):
+        text += f"; quote the value for Hydra inside the shell's quotes: \"{key}='{value}'\""
+    return text
 
 
 def _unknown_key_message(full_key: str, text: str) -> str:

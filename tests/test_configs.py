@@ -68,6 +68,12 @@ def test_model_fields_can_be_overridden_with_type_checks(tmp_path):
         ("model.name=ViT-L-14", r"use model=ViT-L-14"),
         ("log.run_name=../../etc", r"log.run_name='../../etc' may hold only"),
         ("+wandb.api_key=abc", r"wandb.api_key: configs must not hold credentials"),
+        # What bash passes on for data.train_shards='/data/{000..003}.tar': Hydra's grammar refuses
+        # the braces, and the message shows the quoting that works.
+        ("data.train_shards=/data/{000..003}.tar",
+         r"cannot parse the override 'data.train_shards=/data/\{000..003\}.tar': mismatched input '\{'.*; "
+         r"quote the value for Hydra inside the shell's quotes: \"data.train_shards='/data/\{000..003\}.tar'\"$"),
+        ("optim.betas=[0.9,0.98", r"cannot parse the override 'optim.betas=\[0.9,0.98': [^;]*$"),
     ],
 )
 def test_config_mistakes_name_the_key(override, message, tmp_path):
