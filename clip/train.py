@@ -133,6 +133,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         check_train_data(cfg.data, world_size=launch.world_size)  # missing shards, impossible splits (G7, G9)
     except DataConfigError as error:
         raise ConfigError(str(error)) from None
+    eval_sets = _load_eval_sets(cfg)
     run_dir = Path(cfg.output_dir)
     checkpoint_dir = run_dir / "checkpoints"
     resume_from = _get_resume_source(cfg.checkpoint, checkpoint_dir)
@@ -181,8 +182,6 @@ def train(cfg: TrainConfig) -> TrainResult:
         tokenize=tokenize, rank=rank, world_size=world_size, seed=cfg.seed,
     )
     max_steps = cfg.max_steps or math.ceil(cfg.num_epochs * loader.steps_per_epoch)
-    eval_transform = image_transform_eval(model_config.vision.image_size)
-    eval_sets = [load_classification_set(path, eval_transform) for path in cfg.eval.zero_shot]
 
     # --- resume: restores model, optimizer, scaler, counters, this rank's RNGs and data position
     counters = _Counters()
@@ -564,6 +563,17 @@ def assert_finite_state(model: nn.Module, optimizer: torch.optim.Optimizer, step
         local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
         if not torch.isfinite(local).all():
             raise NonFiniteLossError(f"step {step}: {name} holds non-finite values; refusing to checkpoint it")
+
+
+def _load_eval_sets(cfg: TrainConfig) -> list:
+    """The `eval.zero_shot` sets, opened before the run has side effects: a wrong path or an
+    unreadable format is a config error naming the key (G15), not a traceback after the run
+    directory exists."""
+    eval_transform = image_transform_eval(cfg.model.vision.image_size)
+    try:
+        return [load_classification_set(path, eval_transform) for path in cfg.eval.zero_shot]
+    except (FileNotFoundError, ValueError) as error:
+        raise ConfigError(f"eval.zero_shot: {error}") from None
 
 
 def _check_divergence(cfg: TrainConfig, counters: _Counters, control: Any, lr: float, model: CLIP, checkpoint_dir: Path) -> None:

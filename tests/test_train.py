@@ -126,6 +126,15 @@ def test_resume_with_a_path_that_does_not_exist_names_the_flag(tmp_path):
     assert not (tmp_path / "checkpoints").exists()
 
 
+def test_a_missing_zero_shot_set_is_a_config_error_before_the_run_directory(tmp_path):
+    # G15: a typo in eval.zero_shot used to surface as a traceback after config.yaml and
+    # checkpoints/ were written.
+    missing = tmp_path / "imagenet" / "val"
+    with pytest.raises(ConfigError, match=rf"eval.zero_shot: eval data {missing} is not a directory"):
+        train(tiny_train_config(tmp_path / "run", f"eval.zero_shot=[{missing}]"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_resume_refuses_semantic_config_changes_unless_allowed(tmp_path, reference_run, caplog):
     run_dir = tmp_path / "run"
     shutil.copytree(reference_run[0], run_dir)
