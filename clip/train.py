@@ -86,7 +86,7 @@ from clip.models.convert import read_checkpoint, read_checkpoint_config
 from clip.models.weights import check_model_config, export_state_dict, load_weights
 from clip.objective import ContrastiveModel, forward_backward
 from clip.precision import build_grad_scaler, get_autocast
-from clip.tokenizer import get_tokenizer
+from clip.tokenizer import Tokenizer, get_tokenizer
 from clip.transforms import image_transform_eval, image_transform_train
 from clip.zero_shot import evaluate
 
@@ -134,9 +134,12 @@ def train(cfg: TrainConfig) -> TrainResult:
     except DataConfigError as error:
         raise ConfigError(str(error)) from None
     eval_sets = _load_eval_sets(cfg)
+    tokenize = _load_tokenizer(cfg)
     run_dir = Path(cfg.output_dir)
     checkpoint_dir = run_dir / "checkpoints"
     resume_from = _get_resume_source(cfg.checkpoint, checkpoint_dir)
+    if cfg.checkpoint.init_from and resume_from is None and not Path(cfg.checkpoint.init_from).exists():
+        raise ConfigError(f"checkpoint.init_from={cfg.checkpoint.init_from}: no such file or directory")
 
     # --- process group, determinism, run directory
     device = get_device(cfg.device, launch.local_rank)
@@ -176,7 +179,6 @@ def train(cfg: TrainConfig) -> TrainResult:
     torch.manual_seed(cfg.seed + rank)
 
     # --- data
-    tokenize = get_tokenizer(model_config.text)
     loader = build_train_loader(
         cfg.data, batch_size=per_device_batch, image_transform=image_transform_train(model_config.vision.image_size),
         tokenize=tokenize, rank=rank, world_size=world_size, seed=cfg.seed,
@@ -574,6 +576,16 @@ def _load_eval_sets(cfg: TrainConfig) -> list:
         return [load_classification_set(path, eval_transform) for path in cfg.eval.zero_shot]
     except (FileNotFoundError, ValueError) as error:
         raise ConfigError(f"eval.zero_shot: {error}") from None
+
+
+def _load_tokenizer(cfg: TrainConfig) -> Tokenizer:
+    """The text tower's tokenizer, loaded with the up-front checks: a missing or unreadable
+    tokenizer.json, or one that disagrees with model.text, is a config error (G15)."""
+    try:
+        return get_tokenizer(to_model_config(cfg.model).text)
+    except (FileNotFoundError, ValueError) as error:
+        message = str(error)  # the agreement checks name their model.text keys already
+        raise ConfigError(message if "model.text." in message else f"model.text.tokenizer: {message}") from None
 
 
 def _check_divergence(cfg: TrainConfig, counters: _Counters, control: Any, lr: float, model: CLIP, checkpoint_dir: Path) -> None:
