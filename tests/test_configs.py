@@ -128,3 +128,11 @@ def test_cfg_job_prints_the_composed_config(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "name: ViT-L-14" in result.stdout and "global_batch_size: 32768" in result.stdout
     assert list(tmp_path.iterdir()) == []
+
+
+def test_help_starts_with_the_commands_a_new_user_needs(tmp_path):
+    result = _run_entry_point("--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Train a CLIP model") and "+experiment=smoke output_dir=runs/smoke" in result.stdout
+    assert "experiment: rn50, smoke, vit_b16, vit_b32, vit_l14" in result.stdout  # Hydra's group listing follows
+    assert list(tmp_path.iterdir()) == []
