@@ -38,6 +38,8 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="model name, checkpoint, export directory or run directory")
+    parser.add_argument("--download-root",
+                        help="directory of OpenAI's released .pt files for --model NAME (default: ~/.cache/clip)")
     parser.add_argument("--data", required=True, nargs="+", help="eval set(s): directory, shards or caption .json")
     parser.add_argument("--task", choices=["zero-shot", "retrieval", "linear-probe"], default="zero-shot",
                         help="what to evaluate (default: zero-shot)")
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
 
     try:
         model_path = resolve_model(args.model)
-        model, preprocess = clip.load(model_path, device=args.device)
+        model, preprocess = clip.load(model_path, device=args.device, download_root=args.download_root)
     except (FileNotFoundError, CheckpointError) as error:
         sys.exit(f"error: --model {args.model}: {error}")
     # clip.load casts to fp16 off the CPU, as OpenAI's does; evaluate fp32 weights, with autocast for

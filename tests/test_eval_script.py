@@ -33,7 +33,7 @@ def loaded(monkeypatch):
     model = tiny_model()
     calls = []
 
-    def load(name_or_path, device="cpu"):
+    def load(name_or_path, device="cpu", download_root=None):
         calls.append(name_or_path)
         return model, image_transform_eval(32)
 
@@ -120,3 +120,12 @@ def test_a_directory_that_is_no_checkpoint_is_a_clear_error(tmp_path, script):
                      "--output", str(tmp_path / "r.json")])
     assert str(exit_info.value.code).startswith(f"error: --model {tmp_path / 'not-a-run'}: ")
     assert "config.json" in str(exit_info.value.code)
+
+
+def test_released_weights_are_looked_up_in_download_root(tmp_path, script):
+    # Offline (conftest blocks the network), an absent file names the directory it was looked for in.
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["--model", "ViT-B/32", "--download-root", str(tmp_path / "weights"), "--data", str(tmp_path),
+                     "--device", "cpu", "--output", str(tmp_path / "r.json")])
+    message = str(exit_info.value.code)
+    assert message.startswith("error: --model ViT-B/32: ") and f"put it at {tmp_path / 'weights' / 'ViT-B-32.pt'}" in message
