@@ -128,4 +128,5 @@ def test_released_weights_are_looked_up_in_download_root(tmp_path, script):
         script.main(["--model", "ViT-B/32", "--download-root", str(tmp_path / "weights"), "--data", str(tmp_path),
                      "--device", "cpu", "--output", str(tmp_path / "r.json")])
     message = str(exit_info.value.code)
-    assert message.startswith("error: --model ViT-B/32: ") and f"put it at {tmp_path / 'weights' / 'ViT-B-32.pt'}" in message
+    assert message.startswith("error: --model ViT-B/32: ")
+    assert f"put it at {tmp_path / 'weights' / 'ViT-B-32.pt'}" in message
