@@ -19,7 +19,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
-from hydra.errors import OverrideParseException
+from hydra.errors import MissingConfigException, OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
@@ -97,6 +97,8 @@ def explain_config_error(error: BaseException) -> ConfigError:
     """A ConfigError from a Hydra/OmegaConf error: the full key, and the nearest valid key if unknown."""
     if isinstance(error, OverrideParseException):
         return ConfigError(_override_syntax_message(error))
+    if isinstance(error, MissingConfigException) and error.options and "/" in (error.missing_cfg_file or ""):
+        return ConfigError(_missing_option_message(error.missing_cfg_file, list(error.options)))
     # Hydra wraps OmegaConf's error, which carries the full key ("optim.lrr"), in its own message.
     cause: BaseException | None = error
     while cause is not None and not getattr(cause, "full_key", None):
@@ -119,6 +121,17 @@ def _override_syntax_message(error: OverrideParseException) -> str:
     if sep and value and value[0] not in "'\"[" and re.search(r"[{}(),: ]", value):
         text += f"; quote the value for Hydra inside the shell's quotes: \"{key}='{value}'\""
     return text
+
+
+def _missing_option_message(missing: str, options: list[str]) -> str:
+    """A group option that does not exist (`+experiment=vitb32`, `model=ViT-B32`): the nearest one
+    and the list, without Hydra's config search path."""
+    group, name = missing.rsplit("/", 1)
+    text = f"{group}={name} does not exist"
+    nearest = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+    if nearest:
+        text += f" (did you mean {group}={nearest[0]}?)"
+    return f"{text}; {group} options: {', '.join(options)}"
 
 
 def _unknown_key_message(full_key: str, text: str) -> str:

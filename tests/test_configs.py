@@ -74,6 +74,9 @@ def test_model_fields_can_be_overridden_with_type_checks(tmp_path):
          r"cannot parse the override 'data.train_shards=/data/\{000..003\}.tar': mismatched input '\{'.*; "
          r"quote the value for Hydra inside the shell's quotes: \"data.train_shards='/data/\{000..003\}.tar'\"$"),
         ("optim.betas=[0.9,0.98", r"cannot parse the override 'optim.betas=\[0.9,0.98': [^;]*$"),
+        ("+experiment=vitb32", r"^experiment=vitb32 does not exist \(did you mean experiment=vit_b32\?\); "
+                               r"experiment options: rn50, smoke, vit_b16, vit_b32, vit_l14$"),
+        ("loss=xyz", r"^loss=xyz does not exist; loss options: clip, siglip$"),
     ],
 )
 def test_config_mistakes_name_the_key(override, message, tmp_path):
