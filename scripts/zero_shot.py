@@ -50,8 +50,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--name", help="set name in the metric keys (one --data only; default: from the path)")
     parser.add_argument("--batch-size", type=int, default=64,
                         help="images (and prompts) per forward pass (default: 64)")
-    # More workers than cores only adds start-up time (and torch's warning about it).
-    parser.add_argument("--workers", type=int, default=min(4, len(os.sched_getaffinity(0))),
+    # More workers than cores only adds start-up time (and torch's warning about it). The cores this
+    # process may use where the OS says (Linux), else all of them (macOS).
+    usable_cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    parser.add_argument("--workers", type=int, default=min(4, usable_cores),
                         help="DataLoader worker processes (default: 4, at most one per core)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu, cuda, cuda:N (default: cuda when available)")
