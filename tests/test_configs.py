@@ -77,6 +77,8 @@ def test_model_fields_can_be_overridden_with_type_checks(tmp_path):
         ("+experiment=vitb32", r"^experiment=vitb32 does not exist \(did you mean experiment=vit_b32\?\); "
                                r"experiment options: rn50, smoke, vit_b16, vit_b32, vit_l14$"),
         ("loss=xyz", r"^loss=xyz does not exist; loss options: clip, siglip$"),
+        # The key alone switches the loss but not the model's initial bias and temperature.
+        ("loss.name=siglip", r"loss.name='siglip' needs a learned bias: .* or select the loss group with loss=siglip"),
     ],
 )
 def test_config_mistakes_name_the_key(override, message, tmp_path):
