@@ -1,6 +1,7 @@
 """The notebook API: clip.load's name handling and dtype, factories and overrides, the import footprint."""
 
 import copy
+import io
 import re
 import subprocess
 import sys
@@ -30,6 +31,21 @@ def test_cached_file_with_wrong_hash_is_refused(tmp_path):
     (tmp_path / "RN50.pt").write_bytes(b"half a download")
     with pytest.raises(CheckpointError, match="RN50.pt has sha256 .* expected afeb0e10"):
         clip.load("RN50", device="cpu", download_root=tmp_path)
+
+
+def test_a_download_with_the_wrong_hash_never_takes_the_final_name(tmp_path, monkeypatch):
+    # S8: streamed to <name>.tmp, verified, only then renamed; a bad download leaves nothing behind.
+    requested = []
+
+    def urlopen(url, timeout):
+        requested.append(url)
+        return io.BytesIO(b"not the RN50 weights")
+
+    monkeypatch.setattr("urllib.request.urlopen", urlopen)
+    with pytest.raises(FileNotFoundError, match=r"downloaded file has sha256 [0-9a-f]{64}, expected afeb0e10"):
+        clip.load("RN50", device="cpu", download_root=tmp_path)
+    assert requested == [_OPENAI_URLS["RN50"]]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_names_without_weights_are_explained(tmp_path):

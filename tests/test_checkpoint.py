@@ -103,17 +103,49 @@ def test_retention_keeps_the_newest_and_survives_failed_deletes(tmp_path, monkey
     assert _committed_steps(tmp_path) == [20, 30]
 
     def failing_rmtree(path, *args, **kwargs):
+        (path / "train_state.pt").unlink()  # a deletion that fails halfway
         raise OSError("permission denied")
 
     monkeypatch.setattr(ckpt.shutil, "rmtree", failing_rmtree)
     with caplog.at_level(logging.WARNING, logger="clip.checkpoint"):
         _save(tmp_path, 40, keep_last=2)
     assert "could not delete old checkpoint" in caplog.text
-    assert ckpt.find_latest(tmp_path).name == "step-40"
+    assert _committed_steps(tmp_path) == [30, 40]  # the half-deleted step-20 is no checkpoint any more
     monkeypatch.undo()
     ckpt.remove_stale(tmp_path)  # the renamed leftover goes at the next startup
     _save(tmp_path, 50, keep_last=2)  # and the purge is retried at the next save
     assert _committed_steps(tmp_path) == [40, 50]
+
+
+def test_save_follows_the_commit_protocol_order(tmp_path, monkeypatch):
+    """G2: files fsynced, then the manifest, then the rename and a directory fsync; then `latest`; then deletions."""
+    _save(tmp_path, 10, keep_last=2)
+    _save(tmp_path, 20, keep_last=2)
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.path.relpath(os.readlink(f"/proc/self/fd/{fd}"), tmp_path)))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.path.relpath(src, tmp_path), os.path.relpath(dst, tmp_path)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "fsync", fsync)
+    monkeypatch.setattr(ckpt.os, "replace", replace)
+    _save(tmp_path, 30, keep_last=2)
+    assert events == [
+        ("fsync", "step-30.tmp/train_state.pt"),
+        ("fsync", "step-30.tmp/rank-0.pt"),
+        ("fsync", "step-30.tmp/manifest.json"),
+        ("replace", "step-30.tmp", "step-30"),
+        ("fsync", "."),
+        ("fsync", "latest.tmp"),
+        ("replace", "latest.tmp", "latest"),
+        ("fsync", "."),
+        ("replace", "step-10", "step-10.deleting"),
+    ]
 
 
 def test_corrupt_checkpoint_fails_verification_and_resume_falls_back(tmp_path, caplog):

@@ -67,7 +67,11 @@ def test_model_fields_can_be_overridden_with_type_checks(tmp_path):
         ("precision=fp8", r"precision='fp8' is not one of"),
         ("model.name=ViT-L-14", r"use model=ViT-L-14"),
         ("log.run_name=../../etc", r"log.run_name='../../etc' may hold only"),
+        ("log.run_name=ok/../../etc", r"log.run_name='ok/../../etc' may hold only"),
         ("+wandb.api_key=abc", r"wandb.api_key: configs must not hold credentials"),
+        ("+log.hf_token=abc", r"log.hf_token: configs must not hold credentials"),
+        ("+data.aws_secret_access_key=abc", r"data.aws_secret_access_key: configs must not hold credentials"),
+        ("+db.password=abc", r"db.password: configs must not hold credentials"),
         # What bash passes on for data.train_shards='/data/{000..003}.tar': Hydra's grammar refuses
         # the braces, and the message shows the quoting that works.
         ("data.train_shards=/data/{000..003}.tar",

@@ -121,6 +121,19 @@ def test_uneven_ranks_stop_together_at_the_planned_step(tmp_path):
     assert [[len(epoch) for epoch in rank] for rank in per_rank] == [[2, 2], [2, 2]]
 
 
+def test_resume_mid_epoch_keeps_the_planned_epoch_length(tmp_path):
+    """G5 + G7: a rank with more data than the planned steps still ends the resumed epoch at the planned step."""
+    make_shards(str(tmp_path), 2, [30, 10])
+    cfg = data_config(f"{tmp_path}/shard-{{000..001}}.tar")
+    kwargs = loader_kwargs(batch_size=5, rank=0, world_size=2)  # rank 0 has 6 batches, the plan 2
+    ref_keys = collect(build_train_loader(cfg, **kwargs))[0]
+    first = build_train_loader(cfg, **kwargs)
+    collect(first, limit=1)
+    resumed = build_train_loader(cfg, **kwargs)
+    resumed.load_state_dict(first.state_dict())
+    assert collect(resumed)[0] == ref_keys[1:] and len(ref_keys) == 2
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_resume_mid_epoch_yields_exactly_the_remaining_batches(tmp_path, num_workers):
     """G5: stop after 7 batches, save the state through a weights_only checkpoint, resume in a new loader."""
@@ -171,7 +184,7 @@ def test_mixing_weights_are_respected(tmp_path):
 def test_unreadable_shard_is_skipped_and_counted(tmp_path, caplog):
     """G9: a shard vanishing after startup costs its samples, not the run."""
     paths = make_shards(str(tmp_path), 4, 6)
-    cfg = data_config(f"{tmp_path}/shard-{{000..003}}.tar")
+    cfg = data_config(f"{tmp_path}/shard-{{000..003}}.tar", max_unreadable_shards=1)  # exactly at the limit
     loader = build_train_loader(cfg, **loader_kwargs(batch_size=1))
     os.remove(paths[2])
     with caplog.at_level(logging.WARNING, logger="clip.data"):
@@ -241,6 +254,22 @@ def test_epochs_advance_and_set_epoch_drops_a_stale_position(tmp_path):
     resumed.set_epoch(1)  # the trainer had finished epoch 0
     assert collect(resumed)[0] == epoch1
     assert epoch0 != epoch1
+
+
+def test_identical_images_get_their_own_random_crops(tmp_path):
+    """Each sample draws its own crop (seeded by its position, so that a resume replays it)."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.effect_mandelbrot((64, 64), (-2.0, -1.5, 1.0, 1.5), 100).convert("RGB").save(buffer, format="PNG")
+    with tarfile.open(tmp_path / "same.tar", "w") as tar:
+        for i in range(8):
+            add_member(tar, f"{i}.png", buffer.getvalue())
+            add_member(tar, f"{i}.txt", b"a caption")
+    write_sizes(str(tmp_path), {"same.tar": 8})
+    _, images, _ = collect(build_train_loader(data_config(f"{tmp_path}/same.tar"), **loader_kwargs(batch_size=8)))
+    # Crops of 90-100% of the image at 8 pixels may coincide now and then, but not all of them.
+    assert len({image.numpy().tobytes() for image in images[0]}) > 4
 
 
 def test_loading_in_process_leaves_the_trainer_rng_alone(tmp_path):

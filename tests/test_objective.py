@@ -20,7 +20,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 import clip.loss
 import clip.objective
-from clip.config import LossConfig
+from clip.config import DistConfig, LossConfig
+from clip.distributed import apply_data_parallel
 from clip.loss import build_loss
 from clip.models import CLIP, get_model_config
 from clip.objective import ContrastiveModel, forward_backward
@@ -243,18 +244,10 @@ def test_ddp_accumulation_equals_global_batch():
 
 
 def _fsdp2_steps(num_microbatches: int) -> list[dict]:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    model = build_model()
-    # fully_shard refuses 0-dim parameters; OpenAI's layout makes logit_scale one. Until the
-    # wrapping code handles that, run with a 1-element logit_scale (the same math).
-    model.model.logit_scale = torch.nn.Parameter(model.model.logit_scale.detach().reshape(1))
-    mesh = init_device_mesh("cpu", (world_size,))
-    for block in model.model.visual.transformer.resblocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    # The trainer's wrapping: every residual block sharded, then the rest; the 0-dim logit_scale
+    # (which fully_shard refuses) replicated, its gradient averaged by a hook.
+    model = apply_data_parallel(build_model(), DistConfig(parallel="fsdp"), torch.device("cpu"))
     images, texts = make_batch(build_model())
     local = slice(rank * GLOBAL_BATCH // world_size, (rank + 1) * GLOBAL_BATCH // world_size)
     steps = []
@@ -262,8 +255,11 @@ def _fsdp2_steps(num_microbatches: int) -> list[dict]:
         model.zero_grad(set_to_none=True)
         torch.manual_seed(RANK_SEED + rank)
         loss = forward_backward(model, images[local], texts[local], build_loss(LossConfig()), num_microbatches)
-        grads = {name: p.grad.full_tensor() for name, p in model.named_parameters() if p.grad is not None}
-        grads["model.logit_scale"] = grads["model.logit_scale"].reshape(())
+        grads = {
+            name: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+            for name, p in model.named_parameters()
+            if p.grad is not None
+        }
         steps.append({"loss": loss, "grads": grads if rank == 0 else {}})
     return steps
 

@@ -104,9 +104,14 @@ class _Storage:
     pass
 
 
-class _OutOfBounds:
-    def __reduce__(self):  # a 100-element view of a 4-element storage
-        return torch._utils._rebuild_tensor_v2, (_Storage(), 0, (100,), (1,), False, collections.OrderedDict())
+class _CraftedTensor:
+    """A tensor record with the given geometry over a 4-element storage."""
+
+    def __init__(self, offset, size, stride):
+        self.geometry = (offset, size, stride)
+
+    def __reduce__(self):
+        return torch._utils._rebuild_tensor_v2, (_Storage(), *self.geometry, False, collections.OrderedDict())
 
 
 class _ArchivePickler(pickle.Pickler):
@@ -114,11 +119,21 @@ class _ArchivePickler(pickle.Pickler):
         return ("storage", torch.FloatStorage, "0", "cpu", 4) if isinstance(obj, _Storage) else None
 
 
-def test_tensor_outside_its_storage_is_refused(tmp_path):
+@pytest.mark.parametrize(
+    "offset, size, stride, message",
+    [
+        (0, (100,), (1,), "reaches past its 4-element storage"),
+        (0, (5,), (1,), "reaches past its 4-element storage"),  # one element too many
+        (1, (2, 2), (2, 1), "reaches past its 4-element storage"),
+        (-1, (2,), (1,), "invalid tensor geometry"),
+        (3, (2,), (-1,), "invalid tensor geometry"),
+    ],
+)
+def test_tensor_outside_its_storage_is_refused(tmp_path, offset, size, stride, message):
     buffer = io.BytesIO()
-    _ArchivePickler(buffer, protocol=2).dump({"weight": _OutOfBounds()})
+    _ArchivePickler(buffer, protocol=2).dump({"weight": _CraftedTensor(offset, size, stride)})
     _write_archive(tmp_path / "oob.pt", buffer.getvalue(), records={"0": bytes(16)})
-    with pytest.raises(CheckpointFormatError, match="reaches past its 4-element storage"):
+    with pytest.raises(CheckpointFormatError, match=message):
         read_torchscript_state_dict(tmp_path / "oob.pt")
 
 

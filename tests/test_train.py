@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import shutil
+import signal
 
 import pytest
 import torch
@@ -77,6 +79,54 @@ def test_preemption_checkpoints_the_current_step_and_the_rerun_matches_the_refer
     assert steps == list(range(1, 13))  # the resumed run goes on at step 7, never backwards
 
 
+def test_sigusr1_preempts_like_sigterm_and_the_handlers_are_restored(tmp_path, monkeypatch):
+    # G6: SLURM's `--signal=USR1@90` warning. Sent by the process to itself during step 3.
+    real_forward_backward = train_module.forward_backward
+    calls = []
+
+    def forward_backward(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return real_forward_backward(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "forward_backward", forward_backward)
+    ignore = signal.signal(signal.SIGUSR1, lambda signum, frame: None)  # should the trainer not catch it
+    try:
+        before = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR1)}
+        result = train(tiny_train_config(tmp_path))
+    finally:
+        after = {signum: signal.getsignal(signum) for signum in before}
+        signal.signal(signal.SIGUSR1, ignore)
+    assert result.preempted and result.step == 3
+    assert ckpt.find_latest(tmp_path / "checkpoints").name == "step-3"
+    assert after == before
+
+
+def test_a_resumed_run_replays_the_random_state_of_the_uninterrupted_one(tmp_path):
+    # G1: patch dropout draws from the trainer's RNG every step, so a resume that did not restore
+    # the checkpointed RNG state would drop other patches than the uninterrupted run.
+    dropout = ["model.vision.patch_dropout=0.5", "max_steps=8"]
+    train(tiny_train_config(tmp_path / "reference", *dropout))
+    assert train(tiny_train_config(tmp_path / "run", *dropout, "fault.signal_at_step=6")).step == 6
+    train(tiny_train_config(tmp_path / "run", *dropout))
+    _assert_same_tensors(load_model_state(tmp_path / "run" / "checkpoints" / "step-8"),
+                         load_model_state(tmp_path / "reference" / "checkpoints" / "step-8"))
+
+
+def test_a_resumed_fp16_run_keeps_its_loss_scale(tmp_path):
+    # G1: skipped steps (the injected one at step 2, and any fp16 overflow) lower the loss scale
+    # from its initial 2**16; the resumed run must go on with the lowered one.
+    fp16 = ["precision=fp16", "deterministic=false", "max_steps=8", "fault.nan_at_steps=[2]"]
+    train(tiny_train_config(tmp_path / "reference", *fp16))
+    assert train(tiny_train_config(tmp_path / "run", *fp16, "fault.signal_at_step=6")).step == 6
+    train(tiny_train_config(tmp_path / "run", *fp16))
+    states = [torch.load(tmp_path / run / "checkpoints" / "step-8" / "train_state.pt", weights_only=True)
+              for run in ("reference", "run")]
+    assert states[0]["scaler"]["scale"] == states[1]["scaler"]["scale"] < 2.0**16
+    _assert_same_tensors(states[0]["model"], states[1]["model"])
+
+
 def test_a_non_finite_step_is_skipped_and_counted(tmp_path):
     # The run ends at step 5, so that step is checkpointed (a skipped step is not, periodically).
     result = train(tiny_train_config(tmp_path, "fault.nan_at_steps=[5]", "checkpoint.every_steps=1", "max_steps=5"))
@@ -87,14 +137,17 @@ def test_a_non_finite_step_is_skipped_and_counted(tmp_path):
     assert read_metrics(tmp_path)[-1]["train/nonfinite_steps"] == 1
 
 
-def test_an_infinite_loss_is_skipped_too(tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["loss", "gradient"])
+def test_an_infinite_loss_or_gradient_is_skipped_too(tmp_path, monkeypatch, where):
     real_forward_backward = train_module.forward_backward
     calls = []
 
-    def forward_backward(*args, **kwargs):
+    def forward_backward(model, *args, **kwargs):
         calls.append(1)
-        loss = real_forward_backward(*args, **kwargs)
-        return loss + float("inf") if len(calls) == 3 else loss
+        loss = real_forward_backward(model, *args, **kwargs)
+        if len(calls) == 3 and where == "gradient":  # a finite loss whose gradient overflowed
+            next(model.parameters()).grad.view(-1)[0] = float("inf")
+        return loss + float("inf") if len(calls) == 3 and where == "loss" else loss
 
     monkeypatch.setattr(train_module, "forward_backward", forward_backward)
     train(tiny_train_config(tmp_path, "max_steps=3", "checkpoint.every_steps=1"))
@@ -104,11 +157,46 @@ def test_an_infinite_loss_is_skipped_too(tmp_path, monkeypatch):
 
 
 def test_repeated_non_finite_steps_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path):
+    # Checkpoints are due at every step, but skipped steps 5 and 6 are not checkpointed.
     with pytest.raises(NonFiniteLossError, match=r"steps 5-7 on rank\(s\) \[0\].*last good checkpoint: step-4"):
-        train(tiny_train_config(tmp_path, "fault.nan_at_steps=[5,6,7]"))
+        train(tiny_train_config(tmp_path, "fault.nan_at_steps=[5,6,7]", "checkpoint.every_steps=1"))
     latest = ckpt.find_latest(tmp_path / "checkpoints")
     assert latest.name == "step-4"
     assert all(torch.isfinite(t).all() for t in load_model_state(latest).values())
+
+
+def test_non_finite_steps_stop_the_run_only_when_consecutive_or_too_many(tmp_path):
+    nan_steps = "fault.nan_at_steps=[3,5,7]"
+    assert train(tiny_train_config(tmp_path / "a", nan_steps, "max_steps=8")).step == 8  # a good step resets the streak
+    assert read_metrics(tmp_path / "a")[-1]["train/nonfinite_steps"] == 3
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at 3 steps in total"):
+        train(tiny_train_config(tmp_path / "b", nan_steps, "max_steps=8", "nan.max_total=3"))
+
+
+def test_a_non_finite_parameter_or_optimizer_moment_is_never_checkpointed():
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 2)).sum().backward()
+    optimizer.step()
+    train_module.assert_finite_state(model, optimizer, step=1)
+    optimizer.state[model.bias]["exp_avg_sq"][0] = float("nan")
+    with pytest.raises(NonFiniteLossError, match="step 2: optimizer exp_avg_sq holds non-finite values"):
+        train_module.assert_finite_state(model, optimizer, step=2)
+    optimizer.state[model.bias]["exp_avg_sq"].zero_()
+    with torch.no_grad():
+        model.weight[0, 0] = float("inf")
+    with pytest.raises(NonFiniteLossError, match="step 3: parameter weight holds non-finite values"):
+        train_module.assert_finite_state(model, optimizer, step=3)
+
+
+def test_startup_removes_the_leftovers_of_interrupted_saves_and_deletions(tmp_path):
+    # G2: a kill mid-save leaves `step-N.tmp`, a kill mid-retention `step-N.deleting`; a relaunch
+    # removes them even when it never saves step N again.
+    checkpoints = tmp_path / "checkpoints"
+    (checkpoints / "step-99.tmp").mkdir(parents=True)
+    (checkpoints / "step-3.deleting").mkdir()
+    train(tiny_train_config(tmp_path, "max_steps=1"))
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step-1"]
 
 
 def test_resume_never_refuses_a_run_dir_with_checkpoints_and_changes_nothing(tmp_path, reference_run):
@@ -194,6 +282,24 @@ def test_logit_scale_is_clamped_after_every_step_and_on_load(tmp_path, reference
         train(tiny_train_config(tmp_path / "b", "max_steps=13", "checkpoint.allow_config_change=[max_steps]"))
     assert "logit_scale 7.0000 is outside [0, ln 100]: clamped" in caplog.text
     assert load_model_state(tmp_path / "b" / "checkpoints" / "step-13")["logit_scale"].item() <= ln_100
+
+    # And one below 0 (a temperature above 1) is raised to 0, on load and after the step.
+    train_state["model"]["logit_scale"] = torch.tensor(-1.0)
+    ckpt.save_checkpoint(tmp_path / "c" / "checkpoints", 12, train_state, rank_state, rank=0, keep_last=2,
+                         manifest_extra={})
+    with caplog.at_level(logging.WARNING, logger="clip.train"):
+        train(tiny_train_config(tmp_path / "c", "max_steps=13", "checkpoint.allow_config_change=[max_steps]"))
+    assert "logit_scale -1.0000 is outside [0, ln 100]: clamped" in caplog.text
+    assert load_model_state(tmp_path / "c" / "checkpoints" / "step-13")["logit_scale"].item() >= 0.0
+
+
+def test_resume_with_another_world_size_is_refused(tmp_path, reference_run):
+    # G17: in exact-data mode the data position belongs to the world size it was saved with.
+    train_state, rank_state = ckpt.load_checkpoint(reference_run[0] / "checkpoints" / "step-12", rank=0)
+    train_state["world_size"] = 2
+    ckpt.save_checkpoint(tmp_path / "checkpoints", 12, train_state, rank_state, rank=0, keep_last=2, manifest_extra={})
+    with pytest.raises(ConfigError, match=r"world_size: 2 -> 1"):
+        train(tiny_train_config(tmp_path, "max_steps=13", "checkpoint.allow_config_change=[max_steps]"))
 
 
 def test_a_locked_tower_does_not_change(tmp_path):

@@ -18,7 +18,12 @@ import torch
 import torch.multiprocessing as mp
 
 import clip.train as train_module
-from tests.train_fixtures import load_model_state, tiny_train_config, use_memory_data
+from tests.train_fixtures import (
+    load_model_state,
+    read_metrics,
+    tiny_train_config,
+    use_memory_data,
+)
 
 TIMEOUT_S = 120
 
@@ -68,6 +73,11 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, pa
         torch.testing.assert_close(distributed[key], value, rtol=1e-4, atol=1e-5, msg=key)
     # The comparison has teeth: training moved the weights far more than the tolerance.
     assert (reference["visual.proj"] - initial["visual.proj"]).abs().max() > 1e-3
+    # And the gradients themselves: AdamW's update barely changes when a gradient is scaled (say,
+    # summed instead of averaged over ranks), but the gradient norm does.
+    norms = [[e["train/grad_norm"] for e in read_metrics(run) if "train/grad_norm" in e] for run in (one, two)]
+    assert len(norms[0]) == 4
+    torch.testing.assert_close(torch.tensor(norms[1]), torch.tensor(norms[0]), rtol=1e-4, atol=0)
 
 
 @pytest.mark.slow

@@ -2,8 +2,9 @@
 
 torch.compile of the towers traces without graph breaks and gives eager's gradients; channels_last
 changes the ResNet's layout, not its result; every attention call of the registered architectures
-meets the CUDA flash kernel's input conditions under bf16 autocast; and a non-logging training step
-reads the device exactly once, in the step-control exchange.
+meets the CUDA flash kernel's input conditions under bf16 autocast; the ViT residual stream stays in
+bf16 under autocast; and a non-logging training step reads the device exactly once, in the
+step-control exchange.
 """
 
 from __future__ import annotations
@@ -145,6 +146,23 @@ def test_every_attention_call_meets_the_flash_kernels_conditions_under_bf16(name
         assert mask is None and dropout == 0.0
         assert head_dim % 8 == 0 and head_dim <= 256, head_dim
         assert strides == [1, 1, 1]
+
+
+def test_the_vit_residual_stream_stays_in_the_autocast_dtype(monkeypatch):
+    # The image tower is most of a ViT step's elementwise traffic (ViT-B-16: 197 tokens x 768 per image
+    # against 77 x 512 per caption). A float32 parameter added without a cast (positional embedding,
+    # class token) would promote the whole residual stream to float32 under autocast and double the
+    # bytes every residual add and LayerNorm moves. The text tower's stream is float32 under autocast,
+    # as in OpenCLIP: the token embedding lookup is not an autocast op.
+    cfg = _tiny("tiny-vit")
+    model = CLIP(cfg)
+    dtypes = []
+    for block in model.visual.transformer.resblocks:
+        block.register_forward_hook(lambda module, args, output: dtypes.append((args[0].dtype, output.dtype)))
+    images, _ = _batch(cfg, size=2)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model.encode_image(images)
+    assert dtypes == [(torch.bfloat16, torch.bfloat16)] * cfg.vision.layers
 
 
 HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__", "__format__")

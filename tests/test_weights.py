@@ -143,6 +143,9 @@ def test_safetensors_header_must_describe_the_file(tmp_path):
     path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(32))
     with pytest.raises(CheckpointFormatError, match="'w'.*needs 64 bytes"):
         read_safetensors_header(path)
+    path.write_bytes(struct.pack("<Q", 1000) + header)  # a header length beyond the file is not read
+    with pytest.raises(CheckpointFormatError, match=f"header claims 1000 bytes but the file has {8 + len(header)}"):
+        read_safetensors_header(path)
 
 
 def test_unknown_format_is_named(tmp_path):
