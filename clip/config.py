@@ -230,7 +230,10 @@ def validate_loss_config(cfg: LossConfig, model: ModelConfig, prefix: str = "los
     if cfg.chunk_size < 0:
         problems.append(f"{prefix}.chunk_size={cfg.chunk_size} must be >= 0 (0: no chunking)")
     if cfg.name == "siglip" and model.init_logit_bias is None:
-        problems.append(f"{prefix}.name='siglip' needs a learned bias: set model.init_logit_bias (SigLIP: -10)")
+        problems.append(
+            f"{prefix}.name='siglip' needs a learned bias: set model.init_logit_bias (SigLIP: -10), or select "
+            "the loss group with loss=siglip (sets SigLIP's initial bias -10 and temperature 10)"
+        )
     if cfg.name == "clip" and model.init_logit_bias is not None:
         problems.append(
             f"{prefix}.name='clip' does not use a bias, but model.init_logit_bias={model.init_logit_bias} "

@@ -190,14 +190,25 @@ def get_mfu(samples_per_second: float, flops_per_sample: float, peak_flops: Opti
     return samples_per_second * flops_per_sample / (peak_flops * num_devices)
 
 
-def _print_table(names: list[str]) -> None:
+def main(argv: Optional[list[str]] = None) -> None:
+    """`python -m clip.flops [MODEL ...]`: a Markdown table of forward and training FLOPs per sample."""
+    import argparse
+
     from clip.models import get_model_config, list_models
 
-    names = names or [n for n in list_models() if get_model_config(n).vision.kind != "timm"]
+    parser = argparse.ArgumentParser(
+        prog="python -m clip.flops", description="Forward and training (x3) FLOPs per sample of registered models."
+    )
+    parser.add_argument("models", nargs="*", help="names from clip.list_models() or OpenAI's (default: all but timm)")
+    names = parser.parse_args(argv).models or [n for n in list_models() if get_model_config(n).vision.kind != "timm"]
+    try:  # every name before the first row, so a typo is one line, not a traceback under a half-printed table
+        configs = [get_model_config(name) for name in names]
+    except KeyError as error:
+        parser.error(error.args[0])
     print("| model | image GFLOPs | text GFLOPs | forward GFLOPs | training GFLOPs (x3) |")
     print("|---|---:|---:|---:|---:|")
-    for name in names:
-        flops = flops_per_sample(get_model_config(name))
+    for name, config in zip(names, configs):
+        flops = flops_per_sample(config)
         print(
             f"| {name} | {flops.image_flops / 1e9:.2f} | {flops.text_flops / 1e9:.2f} | "
             f"{flops.forward_flops / 1e9:.2f} | {flops.training_flops / 1e9:.2f} |"
@@ -205,7 +216,4 @@ def _print_table(names: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    import sys
-
-    # python -m clip.flops [MODEL ...]: forward and training FLOPs per sample (all models by default).
-    _print_table(sys.argv[1:])
+    main()

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.errors import MissingConfigException, OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
@@ -93,6 +94,10 @@ def compose_train_config(config_dir: str | Path, overrides: Sequence[str] = (), 
 
 def explain_config_error(error: BaseException) -> ConfigError:
     """A ConfigError from a Hydra/OmegaConf error: the full key, and the nearest valid key if unknown."""
+    if isinstance(error, OverrideParseException):
+        return ConfigError(_override_syntax_message(error))
+    if isinstance(error, MissingConfigException) and error.options and "/" in (error.missing_cfg_file or ""):
+        return ConfigError(_missing_option_message(error.missing_cfg_file, list(error.options)))
     # Hydra wraps OmegaConf's error, which carries the full key ("optim.lrr"), in its own message.
     cause: BaseException | None = error
     while cause is not None and not getattr(cause, "full_key", None):
@@ -104,6 +109,28 @@ def explain_config_error(error: BaseException) -> ConfigError:
     if isinstance(cause, MissingMandatoryValue):
         return ConfigError(f"{full_key} is required: set {full_key}=...")
     return ConfigError(_unknown_key_message(full_key, f"{full_key}: {str(cause).strip().splitlines()[0]}"))
+
+
+def _override_syntax_message(error: OverrideParseException) -> str:
+    """Hydra's grammar error, with the quoting that fixes the usual cause: a shard pattern's braces
+    (or a comma, space or colon) in an unquoted value, once the shell has removed its own quotes."""
+    reason = error.message.strip().splitlines()[0]
+    key, sep, value = error.override.partition("=")
+    text = f"cannot parse the override {error.override!r}: {reason}"
+    if sep and value and value[0] not in "'\"[" and re.search(r"[{}(),: ]", value):
+        text += f"; quote the value for Hydra inside the shell's quotes: \"{key}='{value}'\""
+    return text
+
+
+def _missing_option_message(missing: str, options: list[str]) -> str:
+    """A group option that does not exist (`+experiment=vitb32`, `model=ViT-B32`): the nearest one
+    and the list, without Hydra's config search path."""
+    group, name = missing.rsplit("/", 1)
+    text = f"{group}={name} does not exist"
+    nearest = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+    if nearest:
+        text += f" (did you mean {group}={nearest[0]}?)"
+    return f"{text}; {group} options: {', '.join(options)}"
 
 
 def _unknown_key_message(full_key: str, text: str) -> str:

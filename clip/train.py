@@ -86,7 +86,7 @@ from clip.models.convert import read_checkpoint, read_checkpoint_config
 from clip.models.weights import check_model_config, export_state_dict, load_weights
 from clip.objective import ContrastiveModel, forward_backward
 from clip.precision import build_grad_scaler, get_autocast
-from clip.tokenizer import get_tokenizer
+from clip.tokenizer import Tokenizer, get_tokenizer
 from clip.transforms import image_transform_eval, image_transform_train
 from clip.zero_shot import evaluate
 
@@ -133,9 +133,13 @@ def train(cfg: TrainConfig) -> TrainResult:
         check_train_data(cfg.data, world_size=launch.world_size)  # missing shards, impossible splits (G7, G9)
     except DataConfigError as error:
         raise ConfigError(str(error)) from None
+    eval_sets = _load_eval_sets(cfg)
+    tokenize = _load_tokenizer(cfg)
     run_dir = Path(cfg.output_dir)
     checkpoint_dir = run_dir / "checkpoints"
     resume_from = _get_resume_source(cfg.checkpoint, checkpoint_dir)
+    if cfg.checkpoint.init_from and resume_from is None and not Path(cfg.checkpoint.init_from).exists():
+        raise ConfigError(f"checkpoint.init_from={cfg.checkpoint.init_from}: no such file or directory")
 
     # --- process group, determinism, run directory
     device = get_device(cfg.device, launch.local_rank)
@@ -175,14 +179,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     torch.manual_seed(cfg.seed + rank)
 
     # --- data
-    tokenize = get_tokenizer(model_config.text)
     loader = build_train_loader(
         cfg.data, batch_size=per_device_batch, image_transform=image_transform_train(model_config.vision.image_size),
         tokenize=tokenize, rank=rank, world_size=world_size, seed=cfg.seed,
     )
     max_steps = cfg.max_steps or math.ceil(cfg.num_epochs * loader.steps_per_epoch)
-    eval_transform = image_transform_eval(model_config.vision.image_size)
-    eval_sets = [load_classification_set(path, eval_transform) for path in cfg.eval.zero_shot]
 
     # --- resume: restores model, optimizer, scaler, counters, this rank's RNGs and data position
     counters = _Counters()
@@ -564,6 +565,27 @@ def assert_finite_state(model: nn.Module, optimizer: torch.optim.Optimizer, step
         local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
         if not torch.isfinite(local).all():
             raise NonFiniteLossError(f"step {step}: {name} holds non-finite values; refusing to checkpoint it")
+
+
+def _load_eval_sets(cfg: TrainConfig) -> list:
+    """The `eval.zero_shot` sets, opened before the run has side effects: a wrong path or an
+    unreadable format is a config error naming the key (G15), not a traceback after the run
+    directory exists."""
+    eval_transform = image_transform_eval(cfg.model.vision.image_size)
+    try:
+        return [load_classification_set(path, eval_transform) for path in cfg.eval.zero_shot]
+    except (FileNotFoundError, ValueError) as error:
+        raise ConfigError(f"eval.zero_shot: {error}") from None
+
+
+def _load_tokenizer(cfg: TrainConfig) -> Tokenizer:
+    """The text tower's tokenizer, loaded with the up-front checks: a missing or unreadable
+    tokenizer.json, or one that disagrees with model.text, is a config error (G15)."""
+    try:
+        return get_tokenizer(to_model_config(cfg.model).text)
+    except (FileNotFoundError, ValueError) as error:
+        message = str(error)  # the agreement checks name their model.text keys already
+        raise ConfigError(message if "model.text." in message else f"model.text.tokenizer: {message}") from None
 
 
 def _check_divergence(cfg: TrainConfig, counters: _Counters, control: Any, lr: float, model: CLIP, checkpoint_dir: Path) -> None:

@@ -1,12 +1,13 @@
 """Train a CLIP model.
 
     python scripts/train.py +experiment=smoke output_dir=runs/smoke          # CPU, minutes
-    torchrun --nproc-per-node 8 scripts/train.py +experiment=vit_b32 output_dir=runs/b32 data.train_shards=...
+    torchrun --nproc-per-node 8 scripts/train.py +experiment=vit_b32 output_dir=runs/b32 "data.train_shards='/data/{000..999}.tar'"
     python scripts/train.py +experiment=vit_l14 --cfg job                    # print the composed config
 
 A thin Hydra entry point: composition and validation, then clip.train.train(cfg). Exit codes:
 0 done, 2 config error (nothing was written), 3 diverged (non-finite loss), 143 preempted (a
-checkpoint was written; the same command resumes).
+checkpoint was written; the same command resumes). Brace patterns take two layers of quotes, the
+shell's and Hydra's, as above.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """Train a byte-level BPE vocabulary for a text tower from captions, with `tokenizers`.
 
     PYTHONPATH=. python scripts/train_tokenizer.py --vocab-size 32000 --output tok/tokenizer.json \
-        captions.txt shards/train-000000.tar shards/train-000001.tar
+        captions.txt 'shards/train-{000000..000099}.tar'
 
 Inputs are caption files (UTF-8, one caption per line) and WebDataset shards (.tar), whose `.txt`
-members are the captions. Shards are streamed with `tarfile`: nothing is extracted to disk, only
+members are the captions; brace patterns are expanded as training's shard specs are, and every
+input must exist before training starts. Shards are streamed with `tarfile`: nothing is extracted to disk, only
 regular `.txt` members are read, each at most --max-text-bytes, and no other member is decoded
 (RELIABILITY S4/S5). Captions are cleaned exactly as at tokenization time (`clip.tokenizer.clean_text`:
 ftfy, HTML unescaping, whitespace collapsed), then lowercased unless --cased.
@@ -27,6 +28,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from clip.data.sources import expand_pattern
 from clip.tokenizer import EOT_TEXT, SOT_TEXT, clean_text, get_tokenizer
 
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -104,8 +106,8 @@ def train(texts: Iterator[str], vocab_size: int, min_frequency: int, lowercase: 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("inputs", nargs="+", type=Path, help="caption files and WebDataset shards (.tar)")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("inputs", nargs="+", help="caption files and WebDataset shards (.tar, or a brace pattern)")
     parser.add_argument("--output", type=Path, required=True, help="tokenizer.json to write")
     parser.add_argument("--vocab-size", type=int, required=True, help="ids in all, start/end tokens included")
     parser.add_argument("--min-frequency", type=int, default=2, help="rarest pair that may be merged")
@@ -114,9 +116,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.vocab_size <= 256 + 2:
         parser.error(f"--vocab-size={args.vocab_size} must exceed the 256 byte symbols and 2 special tokens")
+    inputs = [Path(path) for pattern in args.inputs for path in expand_pattern(pattern)]
+    missing = [str(path) for path in inputs if not path.is_file()]
+    if missing:  # before training, not when the reader reaches them
+        parser.error(f"{len(missing)} of {len(inputs)} inputs do not exist: {', '.join(missing[:5])}"
+                     f"{', ...' if len(missing) > 5 else ''}")
 
     counts: collections.Counter = collections.Counter()
-    texts = read_captions(args.inputs, args.max_text_bytes, counts)
+    texts = read_captions(inputs, args.max_text_bytes, counts)
     tokenizer = train(texts, args.vocab_size, args.min_frequency, lowercase=not args.cased)
     num_captions = counts.pop("captions")
     if num_captions == 0:

@@ -12,7 +12,7 @@
 `--model` is anything `clip.load` accepts (a name, a checkpoint, an export) or a training run
 directory. A run evaluated with its own precision (`--precision bf16` for the trainer's default)
 gives the numbers the trainer logged: the same weights, tokenizer, eval transform and code.
-`--data` formats are listed in clip/data/eval_datasets.py. Results are printed as a table and
+`--data` formats (detected from what is on disk): docs/eval.md. Results are printed as a table and
 written to `--output` as JSON (fractions in [0, 1], as CLIP_benchmark writes them).
 """
 
@@ -23,10 +23,12 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from clip.data.eval_datasets import load_classification_set, load_retrieval_set
+from clip.models.weights import CheckpointError
 from clip.tokenizer import get_tokenizer
 from clip.zero_shot import evaluate, evaluate_linear_probe
 
@@ -34,19 +36,31 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="model name, checkpoint, export directory or run directory")
+    parser.add_argument("--download-root",
+                        help="directory of OpenAI's released .pt files for --model NAME (default: ~/.cache/clip)")
     parser.add_argument("--data", required=True, nargs="+", help="eval set(s): directory, shards or caption .json")
-    parser.add_argument("--task", choices=["zero-shot", "retrieval", "linear-probe"], default="zero-shot")
+    parser.add_argument("--task", choices=["zero-shot", "retrieval", "linear-probe"], default="zero-shot",
+                        help="what to evaluate (default: zero-shot)")
     parser.add_argument("--images", help="retrieval: image root of a caption .json (default: the file's directory)")
     parser.add_argument("--train-data", help="linear probe: training set (default: --data with split 'train')")
-    parser.add_argument("--split", default="test", help="CIFAR split / shard subdirectory / Karpathy split")
+    parser.add_argument("--split", default="test",
+                        help="CIFAR split / shard subdirectory / Karpathy split (default: test)")
     parser.add_argument("--name", help="set name in the metric keys (one --data only; default: from the path)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=4, help="DataLoader worker processes")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32", help="autocast dtype")
-    parser.add_argument("--output", default="eval_results.json", help="JSON file for the results")
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="images (and prompts) per forward pass (default: 64)")
+    # More workers than cores only adds start-up time (and torch's warning about it). The cores this
+    # process may use where the OS says (Linux), else all of them (macOS).
+    usable_cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    parser.add_argument("--workers", type=int, default=min(4, usable_cores),
+                        help="DataLoader worker processes (default: 4, at most one per core)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu, cuda, cuda:N (default: cuda when available)")
+    parser.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
+                        help="autocast dtype (default: fp32; the trainer evaluates with its own precision)")
+    parser.add_argument("--output", default="eval_results.json",
+                        help="JSON file for the results (default: eval_results.json)")
     args = parser.parse_args(argv)
     if args.name and len(args.data) > 1:
         parser.error("--name needs exactly one --data")
@@ -86,14 +100,32 @@ def _write_json(path: Path, payload: dict) -> None:
     os.replace(temporary, path)
 
 
+def _open_eval_sets(args: argparse.Namespace, path: str, preprocess) -> tuple[Any, Any]:
+    """The eval set at `path` for `args.task`, and the linear probe's training set (else None);
+    unreadable data exits naming the argument and the path."""
+    try:
+        if args.task == "zero-shot":
+            return load_classification_set(path, preprocess, name=args.name, split=args.split), None
+        if args.task == "retrieval":
+            return load_retrieval_set(path, preprocess, images=args.images, name=args.name, split=args.split), None
+        eval_set = load_classification_set(path, preprocess, name=args.name, split=args.split)
+    except (FileNotFoundError, ValueError) as error:
+        sys.exit(f"error: --data {path}: {error}")
+    train_path = args.train_data or path
+    try:
+        return eval_set, load_classification_set(train_path, preprocess, split="train")
+    except (FileNotFoundError, ValueError) as error:
+        sys.exit(f"error: {'--train-data' if args.train_data else '--data'} {train_path} (split 'train'): {error}")
+
+
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     args = parse_args(argv)
     import clip
 
     try:
         model_path = resolve_model(args.model)
-        model, preprocess = clip.load(model_path, device=args.device)
-    except FileNotFoundError as error:
+        model, preprocess = clip.load(model_path, device=args.device, download_root=args.download_root)
+    except (FileNotFoundError, CheckpointError) as error:
         sys.exit(f"error: --model {args.model}: {error}")
     # clip.load casts to fp16 off the CPU, as OpenAI's does; evaluate fp32 weights, with autocast for
     # --precision bf16/fp16, which is how CLIP_benchmark and the trainer's eval run.
@@ -108,17 +140,14 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         autocast_dtype=PRECISIONS[args.precision],
         progress=True,
     )
+    # Every set is opened before the first is evaluated, so a wrong path in the last --data fails
+    # at once, with a message instead of a traceback, not after hours on the first set.
+    eval_sets = [_open_eval_sets(args, path, preprocess) for path in args.data]
     results: dict[str, dict[str, float]] = {}
-    for path in args.data:
-        if args.task == "zero-shot":
-            eval_set = load_classification_set(path, preprocess, name=args.name, split=args.split)
-            metrics = evaluate(model, eval_set, tokenize, **options)
-        elif args.task == "retrieval":
-            eval_set = load_retrieval_set(path, preprocess, images=args.images, name=args.name, split=args.split)
+    for eval_set, train_set in eval_sets:
+        if train_set is None:
             metrics = evaluate(model, eval_set, tokenize, **options)
         else:
-            eval_set = load_classification_set(path, preprocess, name=args.name, split=args.split)
-            train_set = load_classification_set(args.train_data or path, preprocess, split="train")
             metrics = evaluate_linear_probe(model, train_set.dataset, eval_set.dataset, name=eval_set.name, **options)
         prefix = f"eval/{eval_set.name}_"
         results[eval_set.name] = {key.removeprefix(prefix): value for key, value in metrics.items()}

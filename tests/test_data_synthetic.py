@@ -57,5 +57,18 @@ def test_manifest_cli_counts_and_refuses_truncated_shards(tmp_path, capsys):
     manifest_main([dataset.train_shards])
     assert json.loads(sizes.read_text()) == {"000000.tar": 10, "000001.tar": 10, "000002.tar": 10}
     truncate(str(tmp_path / "train" / "000001.tar"), 5000)
-    with pytest.raises(SystemExit, match=r"not writing a manifest: .*000001\.tar ends at byte"):
+    truncate(str(tmp_path / "train" / "000002.tar"), 7000)
+    # Every damaged shard is named (not only the first), and the manifest is left as it was.
+    with pytest.raises(SystemExit, match=r"not writing a manifest: .*000001\.tar ends at byte.*; .*000002\.tar ends"):
         manifest_main([dataset.train_shards])
+    assert json.loads(sizes.read_text())["000002.tar"] == 10
+
+
+def test_manifest_cli_names_missing_shards_before_counting(tmp_path, monkeypatch):
+    dataset = write_synthetic_dataset(str(tmp_path), num_train=20, samples_per_shard=10, images_per_class=1)
+    monkeypatch.setattr("clip.data.manifest.count_samples", lambda path: pytest.fail("counted before the check"))
+    pattern = dataset.train_shards.replace("{000000..000001}", "{000000..000003}")
+    with pytest.raises(SystemExit) as exit_info:
+        manifest_main([pattern])
+    assert str(exit_info.value.code) == (
+        f"not writing a manifest: 2 of 4 shards do not exist: {tmp_path}/train/000002.tar, {tmp_path}/train/000003.tar")

@@ -33,7 +33,7 @@ def loaded(monkeypatch):
     model = tiny_model()
     calls = []
 
-    def load(name_or_path, device="cpu"):
+    def load(name_or_path, device="cpu", download_root=None):
         calls.append(name_or_path)
         return model, image_transform_eval(32)
 
@@ -89,3 +89,44 @@ def test_retrieval_and_linear_probe_tasks(tmp_path, script, loaded):
 def test_name_needs_a_single_data_argument(script):
     with pytest.raises(SystemExit):
         script.parse_args(["--model", "m", "--data", "a", "b", "--name", "x"])
+
+
+def test_a_wrong_data_path_fails_before_any_set_is_evaluated(tmp_path, script, loaded, monkeypatch):
+    """A typo in the last --data path is a one-line error naming it, not a traceback after the
+    first set has run."""
+    evaluated = []
+    monkeypatch.setattr(script, "evaluate", lambda *args, **kwargs: evaluated.append(args) or {})
+    write_image_folder(tmp_path / "heldout", num_classes=3, per_class=1)
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["--model", "tiny-vit", "--data", str(tmp_path / "heldout"), str(tmp_path / "imagenett"),
+                     "--workers", "0", "--output", str(tmp_path / "r.json")])
+    message = str(exit_info.value.code)
+    assert message.startswith(f"error: --data {tmp_path / 'imagenett'}: ") and "is not a directory" in message
+    assert evaluated == [] and not (tmp_path / "r.json").exists()
+
+
+def test_a_linear_probe_without_a_train_split_names_it(tmp_path, script, loaded):
+    write_image_folder(tmp_path / "test", num_classes=3, per_class=1)
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["--task", "linear-probe", "--model", "tiny-vit", "--data", str(tmp_path / "test"),
+                     "--train-data", str(tmp_path / "train"), "--workers", "0", "--output", str(tmp_path / "r.json")])
+    assert str(exit_info.value.code).startswith(f"error: --train-data {tmp_path / 'train'} (split 'train'): ")
+
+
+def test_a_directory_that_is_no_checkpoint_is_a_clear_error(tmp_path, script):
+    (tmp_path / "not-a-run").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["--model", str(tmp_path / "not-a-run"), "--data", str(tmp_path), "--device", "cpu",
+                     "--output", str(tmp_path / "r.json")])
+    assert str(exit_info.value.code).startswith(f"error: --model {tmp_path / 'not-a-run'}: ")
+    assert "config.json" in str(exit_info.value.code)
+
+
+def test_released_weights_are_looked_up_in_download_root(tmp_path, script):
+    # Offline (conftest blocks the network), an absent file names the directory it was looked for in.
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["--model", "ViT-B/32", "--download-root", str(tmp_path / "weights"), "--data", str(tmp_path),
+                     "--device", "cpu", "--output", str(tmp_path / "r.json")])
+    message = str(exit_info.value.code)
+    assert message.startswith("error: --model ViT-B/32: ")
+    assert f"put it at {tmp_path / 'weights' / 'ViT-B-32.pt'}" in message

@@ -9,6 +9,7 @@ from clip.flops import (
     get_device_kind,
     get_mfu,
     get_peak_flops,
+    main,
     training_flops_per_sample,
 )
 from clip.models import CLIP, get_model_config, list_models
@@ -194,3 +195,19 @@ def test_peak_flops_and_mfu():
     assert get_mfu(1000.0, 500e9, None) is None
     # 8 GPUs at 312 TFLOP/s each, 1,000 samples/s of 500 GFLOPs: 5e14 / 2.496e15.
     assert get_mfu(1000.0, 500e9, 312e12, num_devices=8) == pytest.approx(5e14 / 2.496e15)
+
+
+def test_command_line_table_and_its_errors(capsys):
+    """`python -m clip.flops`: one row per model asked for (OpenAI's names too); --help and an
+    unknown name exit through argparse, naming the registered models, before any row is printed."""
+    main(["ViT-B-32", "ViT-B/32"])
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[2] == "| ViT-B-32 | 8.82 | 5.96 | 14.78 | 44.33 |" and rows[3].startswith("| ViT-B/32 | 8.82 |")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0 and "usage: python -m clip.flops" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["ViT-B-32", "ViT-X"])
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 2 and captured.out == ""
+    assert "unknown model 'ViT-X'; registered models: RN101" in captured.err

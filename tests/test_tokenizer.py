@@ -448,3 +448,31 @@ def test_trained_tokenizer_plugs_into_a_model(trained):
     finally:
         torch.set_num_threads(num_threads)
     assert losses[-1] < 0.2 * losses[0], losses
+
+
+def _train_tokenizer_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_tokenizer_script", REPO / "scripts" / "train_tokenizer.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_training_inputs_take_brace_patterns_and_must_all_exist(tmp_path, capsys):
+    """Shards are named as everywhere else (a brace pattern), and a missing input stops the script
+    before training, naming it."""
+    script = _train_tokenizer_script()
+    for index in range(2):
+        write_shard(tmp_path / f"shard-{index:06d}.tar", training_captions(50, seed=index), tmp_path / "m", 1024)
+    output = tmp_path / "tokenizer.json"
+    pattern = str(tmp_path / "shard-{000000..000001}.tar")
+    script.main(["--vocab-size", "300", "--output", str(output), pattern])
+    assert "trained on 104 captions" in capsys.readouterr().out  # 2 x (50 + big.txt + the one that climbs out)
+
+    missing = str(tmp_path / "shard-{000001..000003}.tar")
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["--vocab-size", "300", "--output", str(tmp_path / "other.json"), missing])
+    assert exit_info.value.code == 2 and not (tmp_path / "other.json").exists()
+    assert f"2 of 3 inputs do not exist: {tmp_path}/shard-000002.tar, {tmp_path}/shard-000003.tar" in (
+        capsys.readouterr().err)

@@ -214,6 +214,35 @@ def test_resume_with_a_path_that_does_not_exist_names_the_flag(tmp_path):
     assert not (tmp_path / "checkpoints").exists()
 
 
+def test_a_missing_zero_shot_set_is_a_config_error_before_the_run_directory(tmp_path):
+    # G15: a typo in eval.zero_shot used to surface as a traceback after config.yaml and
+    # checkpoints/ were written.
+    missing = tmp_path / "imagenet" / "val"
+    with pytest.raises(ConfigError, match=rf"eval.zero_shot: eval data {missing} is not a directory"):
+        train(tiny_train_config(tmp_path / "run", f"eval.zero_shot=[{missing}]"))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.text.tokenizer={missing}", r"model.text.tokenizer: tokenizer file '{missing}' does not exist"),
+        ("checkpoint.init_from={missing}", r"checkpoint.init_from={missing}: no such file or directory"),
+    ],
+)
+def test_a_missing_tokenizer_or_init_file_is_a_config_error_before_the_run_directory(tmp_path, override, message):
+    missing = str(tmp_path / "nothere.json")
+    with pytest.raises(ConfigError, match=message.format(missing=missing)):
+        train(tiny_train_config(tmp_path / "run", override.format(missing=missing)))
+    assert not (tmp_path / "run").exists()
+
+
+def test_init_from_is_not_needed_once_the_run_has_its_own_checkpoints(tmp_path, reference_run):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_run[0], run_dir)
+    train(tiny_train_config(run_dir, f"checkpoint.init_from={tmp_path / 'deleted-since.safetensors'}"))
+
+
 def test_resume_refuses_semantic_config_changes_unless_allowed(tmp_path, reference_run, caplog):
     run_dir = tmp_path / "run"
     shutil.copytree(reference_run[0], run_dir)

@@ -8,10 +8,12 @@ checkpoint phase.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -204,6 +206,47 @@ def test_sigterm_to_the_whole_process_group_checkpoints_exits_143_and_resumes_bi
     assert "at step 5" in resumed.stderr
     assert_bitwise_equal_checkpoints(reference / "checkpoints" / "step-30", tmp_path / "checkpoints" / "step-30")
     assert losses_by_step(tmp_path) == losses_by_step(reference)
+
+
+def _fake_slurm_bin(directory: Path) -> Path:
+    """`scontrol` naming this host, an `srun` that runs its command once (one node, one task) and
+    `torchrun` as this interpreter's: enough to run scripts/slurm/train.sbatch as one job step."""
+    directory.mkdir()
+    scripts = {
+        "scontrol": "echo 127.0.0.1",
+        "srun": 'while [[ "$1" == --* ]]; do shift; done\nexec "$@"',
+        "torchrun": f'exec {sys.executable} -m torch.distributed.run "$@"',
+    }
+    for name, body in scripts.items():
+        (directory / name).write_text(f"#!/bin/bash\n{body}\n")
+        (directory / name).chmod(0o755)
+    return directory
+
+
+def test_sbatch_script_turns_slurm_sigusr1_into_a_checkpoint(shards, tmp_path):
+    # G6 under scripts/slurm/train.sbatch: SLURM's --signal=USR1@90 reaches the job step's task, the
+    # torchrun agent, which must forward it to its worker (an agent that does not handle SIGUSR1 dies
+    # of it, and the step's processes with it, before any checkpoint).
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PATH": f"{_fake_slurm_bin(tmp_path / 'bin')}:{os.environ['PATH']}",
+           "SLURM_JOB_NODELIST": "localhost", "SLURM_NNODES": "1", "SLURM_GPUS_PER_NODE": "1", "SLURM_JOB_ID": "7",
+           "MASTER_PORT": str(port), "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    run_dir = tmp_path / "run"
+    args = train_args(shards, run_dir, *COMMON, "fault.sleep_at_step=5", "fault.sleep_s=2")
+    job = subprocess.Popen(["bash", str(ROOT / "scripts" / "slurm" / "train.sbatch"), *args], cwd=ROOT, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_for_step(job, run_dir, 4)
+        (agent,) = data_workers(job)  # the batch shell's one child: torchrun, as srun would start it
+        os.kill(agent, signal.SIGUSR1)
+        _, stderr = job.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.pid, signal.SIGKILL)  # whatever is left of the step
+    assert "stop requested (signal 10): checkpoint of step 5 written" in stderr, stderr
+    assert find_latest(run_dir / "checkpoints").name == "step-5" and max(losses_by_step(run_dir)) == 5
 
 
 def test_sigterm_to_one_torchrun_rank_stops_all_ranks_at_the_same_step(shards, tmp_path):

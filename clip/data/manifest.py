@@ -34,12 +34,20 @@ def count_samples(path: str) -> tuple[int, list[str]]:
 
 def write_manifests(paths: list[str]) -> dict[str, dict[str, int]]:
     """Count every shard and write/update `sizes.json` in each shard directory; returns {dir: counts}."""
+    # Checked before the (long) count, and every damaged shard named at the end, so one run lists
+    # all there is to fix.
+    missing = [path for path in paths if not os.path.isfile(path)]
+    if missing:
+        raise SystemExit(f"not writing a manifest: {len(missing)} of {len(paths)} shards do not exist: "
+                         f"{', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}")
     by_directory: dict[str, dict[str, int]] = defaultdict(dict)
+    damaged: list[str] = []
     for path in paths:
         count, problems = count_samples(path)
-        if problems:
-            raise SystemExit(f"not writing a manifest: {'; '.join(problems)}")
+        damaged += problems
         by_directory[os.path.dirname(os.path.abspath(path))][os.path.basename(path)] = count
+    if damaged:
+        raise SystemExit(f"not writing a manifest: {'; '.join(damaged)}")
     for directory, counts in by_directory.items():
         manifest = os.path.join(directory, "sizes.json")
         existing = json.load(open(manifest, encoding="utf-8")) if os.path.exists(manifest) else {}
