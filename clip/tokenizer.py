@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import array
 import functools
+import hashlib
 import html
+import json
 import re
 import unicodedata
 from collections.abc import Sequence
@@ -284,12 +286,48 @@ def _openai_backend() -> tokenizers.Tokenizer:
     return backend
 
 
-def _json_tokenizer(path: str, context_length: int) -> Tokenizer:
-    """A tokenizer.json whose post-processor wraps texts in [start] ... end-of-text."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"tokenizer file {path!r} does not exist (expected 'openai' or a tokenizer.json)")
+# A model export (clip.export_model) whose vocabulary is not OpenAI's carries its tokenizer.json in
+# these header metadata entries, so the export alone tokenizes as in training.
+EXPORT_TOKENIZER_KEY = "tokenizer_json"
+EXPORT_TOKENIZER_HASH_KEY = "tokenizer_sha256"
+
+
+def get_tokenizer_json(source: str) -> str:
+    """The tokenizer.json text of `source`: a tokenizer.json file, or a model export (.safetensors)
+    that carries one."""
+    if not Path(source).is_file():
+        raise FileNotFoundError(f"tokenizer file {source!r} does not exist (expected 'openai', a tokenizer.json or a model export)")
+    if not source.endswith(".safetensors"):
+        return Path(source).read_text(encoding="utf-8")
+    from clip.models.weights import read_safetensors_header
+
+    _, metadata = read_safetensors_header(source)
+    text = metadata.get(EXPORT_TOKENIZER_KEY)
+    if text is None:
+        raise ValueError(f"{source!r} carries no tokenizer (its model uses 'openai', or it is not a clip export)")
+    if hashlib.sha256(text.encode()).hexdigest() != metadata.get(EXPORT_TOKENIZER_HASH_KEY):
+        raise ValueError(f"{source!r}: the embedded tokenizer does not match its hash (edited or corrupt)")
+    return text
+
+
+def tokenizer_identity(source: str) -> str:
+    """What makes two `model.text.tokenizer` values the same vocabulary: 'openai', or the sha256 of
+    the tokenizer.json content (key order and layout aside) wherever it is stored; a source that
+    cannot be read is its own string."""
+    if source == OPENAI:
+        return OPENAI
     try:
-        backend = tokenizers.Tokenizer.from_file(path)
+        content = json.loads(get_tokenizer_json(source))
+    except (OSError, ValueError):
+        return source
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def _json_tokenizer(path: str, context_length: int) -> Tokenizer:
+    """A tokenizer.json (or an export carrying one) whose post-processor wraps texts in [start] ... end-of-text."""
+    text = get_tokenizer_json(path)
+    try:
+        backend = tokenizers.Tokenizer.from_str(text)
     except Exception as e:
         raise ValueError(f"{path!r} is not a readable tokenizer.json: {e}") from e
     backend.no_truncation()  # we truncate ourselves, keeping the end-of-text token

@@ -4,6 +4,7 @@ checks, and use inside forked DataLoader workers."""
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import os
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 import clip
 from clip.config import TextConfig
 from clip.models import CLIP, get_model_config
+from clip.models.weights import config_differences
 from clip.tokenizer import clean_text, get_tokenizer, tokenize
 
 open_clip_tokenizer = pytest.importorskip("open_clip.tokenizer")  # test-only reference
@@ -476,3 +478,32 @@ def test_training_inputs_take_brace_patterns_and_must_all_exist(tmp_path, capsys
     assert exit_info.value.code == 2 and not (tmp_path / "other.json").exists()
     assert f"2 of 3 inputs do not exist: {tmp_path}/shard-000002.tar, {tmp_path}/shard-000003.tar" in (
         capsys.readouterr().err)
+
+
+def test_an_export_carries_its_vocabulary(trained, tmp_path):
+    """A model trained with its own tokenizer.json tokenizes from its export alone, and the export's
+    vocabulary is recognised as the same one wherever the file lives (e.g. init_from=the export)."""
+    original = tmp_path / "tokenizer.json"
+    original.write_text(trained.read_text(encoding="utf-8"), encoding="utf-8")
+    tok = get_tokenizer(str(original))
+    cfg = get_model_config("tiny-vit")
+    cfg.text.tokenizer, cfg.text.vocab_size, cfg.text.eot_token_id = str(original), tok.vocab_size, tok.eot_token_id
+    export = clip.export_model(CLIP(cfg), tmp_path / "model.safetensors")
+    original.unlink()  # the training machine's file is gone
+
+    loaded = clip.create_model(pretrained=export)
+    assert loaded.config.text.tokenizer == str(export.resolve())
+    captions = training_captions(4, seed=5) + ["東京 café"]
+    expected = get_tokenizer(str(trained))(captions)
+    assert torch.equal(get_tokenizer(loaded.config.text)(captions), expected)
+    assert torch.equal(get_tokenizer(str(export))(captions), expected)
+
+    elsewhere = copy.deepcopy(cfg)
+    elsewhere.text.tokenizer = str(trained)  # the same vocabulary at another path
+    assert config_differences(loaded.config, elsewhere) == []
+    content = json.loads(trained.read_text(encoding="utf-8"))
+    content["model"]["merges"] = content["model"]["merges"][::-1]  # same ids and size, other merges
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(content), encoding="utf-8")
+    elsewhere.text.tokenizer = str(other)
+    assert [key for key, *_ in config_differences(loaded.config, elsewhere)] == ["text.tokenizer"]

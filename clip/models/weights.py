@@ -7,7 +7,7 @@ the file size before any tensor is read (S2). TorchScript archives have their ow
 
 The export format is one safetensors file: the state dict in OpenAI's key layout (so OpenAI-layout
 loaders such as OpenCLIP's `pretrained=` read it too) and, in the header metadata, the model config as
-JSON. `clip.load(path)` needs nothing else.
+JSON (plus the tokenizer.json of a vocabulary other than OpenAI's). `clip.load(path)` needs nothing else.
 """
 
 from __future__ import annotations
@@ -171,6 +171,10 @@ def config_differences(
     def same(key: str) -> bool:
         if old.get(key, _ABSENT) == new.get(key, _ABSENT):
             return True
+        if key == "text.tokenizer" and _ABSENT not in (old.get(key, _ABSENT), new.get(key, _ABSENT)):
+            from clip.tokenizer import tokenizer_identity  # the same vocabulary stored in two places
+
+            return tokenizer_identity(old[key]) == tokenizer_identity(new[key])
         tower, _, name = key.rpartition(".")
         if name != "mlp_ratio" or _ABSENT in (old.get(key, _ABSENT), new.get(key, _ABSENT)):
             return False
@@ -301,6 +305,12 @@ def export_state_dict(
         "model_config": config_json,
         "model_config_hash": _config_hash(config_json),
     }
+    if config.text.tokenizer != "openai":  # the export must tokenize without the training machine's files
+        from clip.tokenizer import EXPORT_TOKENIZER_HASH_KEY, EXPORT_TOKENIZER_KEY, get_tokenizer_json
+
+        tokenizer_json = get_tokenizer_json(config.text.tokenizer)
+        header[EXPORT_TOKENIZER_KEY] = tokenizer_json
+        header[EXPORT_TOKENIZER_HASH_KEY] = hashlib.sha256(tokenizer_json.encode()).hexdigest()
     tensors = {key: value.detach().to("cpu").contiguous() for key, value in state_dict.items()}
     tmp = path.with_name(path.name + ".tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -326,4 +336,9 @@ def read_export_config(metadata: Mapping[str, str], path: PathLike) -> Optional[
     config_json = metadata.get("model_config", "")
     if metadata.get("model_config_hash") != _config_hash(config_json):
         raise CheckpointFormatError(f"{path}: the stored model config does not match its hash (edited or corrupt)")
-    return json.loads(config_json)
+    config = json.loads(config_json)
+    from clip.tokenizer import EXPORT_TOKENIZER_KEY
+
+    if EXPORT_TOKENIZER_KEY in metadata:  # the vocabulary travels inside the export: read it from there
+        config["text"]["tokenizer"] = str(Path(path).resolve())
+    return config
