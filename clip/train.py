@@ -64,6 +64,10 @@ from clip.config import (
     get_batch_plan,
     validate_train_config,
 )
+from clip.data import build_train_loader, check_train_data
+from clip.data.eval_datasets import load_classification_set
+from clip.data.records import SKIP_REASONS
+from clip.data.sources import DataConfigError
 from clip.distributed import (
     apply_data_parallel,
     barrier,
@@ -74,10 +78,6 @@ from clip.distributed import (
     read_launch_env,
     sum_across_ranks,
 )
-from clip.data import build_train_loader, check_train_data
-from clip.data.eval_datasets import load_classification_set
-from clip.data.records import SKIP_REASONS
-from clip.data.sources import DataConfigError
 from clip.flops import get_mfu, get_peak_flops, training_flops_per_sample
 from clip.logger import MetricsLogger, setup_console_logging
 from clip.loss import build_loss

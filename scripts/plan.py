@@ -21,7 +21,15 @@ from pathlib import Path
 
 from clip.config import ModelConfig
 from clip.flops import DEVICE_MEMORY_GIB, PEAK_FLOPS, flops_per_sample, get_device_kind
-from clip.memory import GIB, PARALLELISMS, PRECISIONS, MemoryEstimate, ParameterCounts, count_parameters, estimate_memory
+from clip.memory import (
+    GIB,
+    PARALLELISMS,
+    PRECISIONS,
+    MemoryEstimate,
+    ParameterCounts,
+    count_parameters,
+    estimate_memory,
+)
 
 # Assumed model-FLOPs utilisation when none is measured yet: above published CLIP training
 # (10-20% on A100s for OpenCLIP, about 21% on H100s for NeMo), below LLM trainers (35-55%).

@@ -10,9 +10,6 @@ from collections import Counter
 
 import pytest
 import torch
-
-from clip.data import DataError, build_train_loader
-from clip.transforms import image_transform_eval, image_transform_train
 from data_shards import (
     add_member,
     data_config,
@@ -24,6 +21,9 @@ from data_shards import (
     write_shard,
     write_sizes,
 )
+
+from clip.data import DataError, build_train_loader
+from clip.transforms import image_transform_eval, image_transform_train
 
 
 def collect(loader, limit=None):

@@ -6,11 +6,11 @@ import json
 import os
 
 import pytest
+from data_shards import make_shards
 
 from clip.config import DataConfig
 from clip.data import DataConfigError, check_train_data
 from clip.data.sources import resolve_sources
-from data_shards import make_shards
 
 
 def urls(sources):

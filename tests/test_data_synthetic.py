@@ -8,12 +8,12 @@ import os
 import random
 
 import pytest
+from data_shards import data_config, loader_kwargs, truncate
 from PIL import Image
 
 from clip.data import build_train_loader
 from clip.data.manifest import main as manifest_main
 from clip.data.synthetic import COLORS, render_scene, write_synthetic_dataset
-from data_shards import data_config, loader_kwargs, truncate
 
 
 def test_layout_determinism_and_loader_round_trip(tmp_path):

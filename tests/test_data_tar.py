@@ -9,11 +9,11 @@ import resource
 import tarfile
 
 import pytest
+from data_shards import add_member, member_offsets, tiny_jpeg, write_shard
+from payloads import SystemCallPayload
 
 from clip.data.records import Record, SkipEvent
 from clip.data.tar_reader import iter_tar_samples, split_key
-from data_shards import add_member, member_offsets, tiny_jpeg, write_shard
-from payloads import SystemCallPayload
 
 CAP = 64 * 1024 * 1024
 

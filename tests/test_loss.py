@@ -21,7 +21,6 @@ from clip.config import LossConfig, ModelConfig, validate_loss_config
 from clip.loss import ClipLoss, SigLipLoss, build_loss
 from tests.multiprocess import run_on_ranks
 
-
 GLOBAL_BATCH, DIM = 16, 8
 # name -> (loss, chunk_size); chunk 5 leaves a ragged last chunk of 1 column.
 CASES = {

@@ -21,7 +21,6 @@ from clip.models.weights import (
 )
 
 
-
 def test_malicious_pickle_is_refused_and_not_run(tmp_path):
     marker = tmp_path / "marker"
     path = tmp_path / "evil.pt"

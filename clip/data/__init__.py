@@ -6,11 +6,11 @@ Training: WebDataset shards and CSV files -> batches with exact, resumable posit
 Eval datasets live in `clip.data.eval_datasets`; the synthetic shard writer in `clip.data.synthetic`.
 """
 
+from clip.config import DataConfig
 from clip.data.loader import TrainLoader, build_train_loader
 from clip.data.plan import check_reader_count
 from clip.data.sources import DataConfigError, DataError, resolve_sources
 from clip.data.stream import Batch
-from clip.config import DataConfig
 
 
 def check_train_data(data_cfg: DataConfig, *, world_size: int) -> None:
