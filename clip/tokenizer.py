@@ -296,7 +296,9 @@ def get_tokenizer_json(source: str) -> str:
     """The tokenizer.json text of `source`: a tokenizer.json file, or a model export (.safetensors)
     that carries one."""
     if not Path(source).is_file():
-        raise FileNotFoundError(f"tokenizer file {source!r} does not exist (expected 'openai', a tokenizer.json or a model export)")
+        raise FileNotFoundError(
+            f"tokenizer file {source!r} does not exist (expected 'openai', a tokenizer.json or a model export)"
+        )
     if not source.endswith(".safetensors"):
         return Path(source).read_text(encoding="utf-8")
     from clip.models.weights import read_safetensors_header
