@@ -28,7 +28,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from clip.data.sources import expand_pattern
+from clip.data.sources import expand_pattern, name_some
 from clip.tokenizer import EOT_TEXT, SOT_TEXT, clean_text, get_tokenizer
 
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -119,8 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     inputs = [Path(path) for pattern in args.inputs for path in expand_pattern(pattern)]
     missing = [str(path) for path in inputs if not path.is_file()]
     if missing:  # before training, not when the reader reaches them
-        parser.error(f"{len(missing)} of {len(inputs)} inputs do not exist: {', '.join(missing[:5])}"
-                     f"{', ...' if len(missing) > 5 else ''}")
+        parser.error(f"{len(missing)} of {len(inputs)} inputs do not exist: {name_some(missing)}")
 
     counts: collections.Counter = collections.Counter()
     texts = read_captions(inputs, args.max_text_bytes, counts)

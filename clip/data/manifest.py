@@ -15,7 +15,7 @@ import sys
 from collections import defaultdict
 
 from clip.data.records import Record
-from clip.data.sources import expand_pattern
+from clip.data.sources import expand_pattern, name_some
 from clip.data.tar_reader import iter_tar_samples
 
 
@@ -38,8 +38,7 @@ def write_manifests(paths: list[str]) -> dict[str, dict[str, int]]:
     # all there is to fix.
     missing = [path for path in paths if not os.path.isfile(path)]
     if missing:
-        raise SystemExit(f"not writing a manifest: {len(missing)} of {len(paths)} shards do not exist: "
-                         f"{', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}")
+        raise SystemExit(f"not writing a manifest: {len(missing)} of {len(paths)} shards do not exist: {name_some(missing)}")
     by_directory: dict[str, dict[str, int]] = defaultdict(dict)
     damaged: list[str] = []
     for path in paths:

@@ -59,6 +59,11 @@ def is_pipe(url: str) -> bool:
     return url.startswith(PIPE_PREFIX)
 
 
+def name_some(names: list[str], limit: int = 5) -> str:
+    """The first `limit` names and how many more: error messages stay one readable line."""
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 def local_path(url: str) -> str:
     return url[len(FILE_PREFIX) :] if url.startswith(FILE_PREFIX) else url
 
@@ -238,8 +243,7 @@ def resolve_sources(cfg: DataConfig, *, read_csv: bool = True) -> list[Source]:
             raise DataConfigError(f"data.train_shards: source {part!r} expands to no shards")
         missing = [u for u, _ in urls_with_origin if not is_pipe(u) and not os.path.isfile(local_path(u))]
         if missing:
-            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-            raise DataConfigError(f"data.train_shards: {len(missing)} shard(s) do not exist: {shown}")
+            raise DataConfigError(f"data.train_shards: {len(missing)} shard(s) do not exist: {name_some(missing)}")
         urls = [u for u, _ in urls_with_origin]
         counts = _sample_counts(urls, cfg)
         if not cfg.resampled and any(c is None for c in counts):
