@@ -148,7 +148,7 @@ def test_every_attention_call_meets_the_flash_kernels_conditions_under_bf16(name
         assert strides == [1, 1, 1]
 
 
-def test_the_vit_residual_stream_stays_in_the_autocast_dtype(monkeypatch):
+def test_the_vit_residual_stream_stays_in_the_autocast_dtype():
     # The image tower is most of a ViT step's elementwise traffic (ViT-B-16: 197 tokens x 768 per image
     # against 77 x 512 per caption). A float32 parameter added without a cast (positional embedding,
     # class token) would promote the whole residual stream to float32 under autocast and double the

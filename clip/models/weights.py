@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from clip.config import ModelConfig, model_config_to_dict
+from clip.tokenizer import EXPORT_TOKENIZER_HASH_KEY, EXPORT_TOKENIZER_KEY, get_tokenizer_json, tokenizer_identity
 
 logger = logging.getLogger(__name__)
 
@@ -172,9 +173,7 @@ def config_differences(
         if old.get(key, _ABSENT) == new.get(key, _ABSENT):
             return True
         if key == "text.tokenizer" and _ABSENT not in (old.get(key, _ABSENT), new.get(key, _ABSENT)):
-            from clip.tokenizer import tokenizer_identity  # the same vocabulary stored in two places
-
-            return tokenizer_identity(old[key]) == tokenizer_identity(new[key])
+            return tokenizer_identity(old[key]) == tokenizer_identity(new[key])  # one vocabulary, two places
         tower, _, name = key.rpartition(".")
         if name != "mlp_ratio" or _ABSENT in (old.get(key, _ABSENT), new.get(key, _ABSENT)):
             return False
@@ -306,8 +305,6 @@ def export_state_dict(
         "model_config_hash": _config_hash(config_json),
     }
     if config.text.tokenizer != "openai":  # the export must tokenize without the training machine's files
-        from clip.tokenizer import EXPORT_TOKENIZER_HASH_KEY, EXPORT_TOKENIZER_KEY, get_tokenizer_json
-
         tokenizer_json = get_tokenizer_json(config.text.tokenizer)
         header[EXPORT_TOKENIZER_KEY] = tokenizer_json
         header[EXPORT_TOKENIZER_HASH_KEY] = hashlib.sha256(tokenizer_json.encode()).hexdigest()
@@ -337,8 +334,6 @@ def read_export_config(metadata: Mapping[str, str], path: PathLike) -> Optional[
     if metadata.get("model_config_hash") != _config_hash(config_json):
         raise CheckpointFormatError(f"{path}: the stored model config does not match its hash (edited or corrupt)")
     config = json.loads(config_json)
-    from clip.tokenizer import EXPORT_TOKENIZER_KEY
-
     if EXPORT_TOKENIZER_KEY in metadata:  # the vocabulary travels inside the export: read it from there
         config["text"]["tokenizer"] = str(Path(path).resolve())
     return config
