@@ -107,8 +107,10 @@ def init_distributed(cfg: DistConfig, launch: LaunchEnv, device: torch.device) -
 
 
 def destroy_distributed() -> None:
+    global _HOST_GROUP
     if is_distributed():
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # all groups, the host group included
+    _HOST_GROUP = None
 
 
 def barrier() -> None:
@@ -117,14 +119,50 @@ def barrier() -> None:
 
 
 @dataclass(frozen=True)
-class StepControl:
-    """The step-boundary agreement of all ranks (RELIABILITY.md 2.0), from one all-gather per step."""
+class HostFlags:
+    """What every rank must know before the next step starts (RELIABILITY.md 2.0): host facts, so
+    agreeing on them never waits for a device."""
 
     has_batch: bool  # every rank has its next batch (else all end the epoch together)
-    finite: bool  # loss and gradient norm are finite on every rank
     stop: bool  # some rank was asked to stop (SIGTERM / SIGUSR1)
+
+
+def exchange_host_flags(has_batch: bool, stop: bool) -> HostFlags:
+    """All ranks learn each other's flags: one tiny all-gather of CPU tensors on a gloo group.
+
+    Host memory on both ends: under NCCL the same exchange of device tensors would wait for
+    everything queued on the device (the step in flight) before the host could read the flags.
+    """
+    flags = torch.tensor([has_batch, stop], dtype=torch.uint8)
+    if is_distributed():
+        gathered = torch.empty(dist.get_world_size() * 2, dtype=torch.uint8)
+        dist.all_gather_into_tensor(gathered, flags, group=_host_group())
+        flags = gathered
+    rows = flags.view(-1, 2).tolist()  # [W, 2]: has_batch, stop
+    return HostFlags(has_batch=all(row[0] for row in rows), stop=any(row[1] for row in rows))
+
+
+_HOST_GROUP: dist.ProcessGroup | None = None
+
+
+def _host_group() -> dist.ProcessGroup:
+    """A gloo group over all ranks for host-to-host exchanges (the default group itself under gloo).
+    Created on first use, which every rank reaches at the same exchange."""
+    global _HOST_GROUP
+    if dist.get_backend() == dist.Backend.GLOO:
+        return dist.group.WORLD
+    if _HOST_GROUP is None:
+        _HOST_GROUP = dist.new_group(backend="gloo")
+    return _HOST_GROUP
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """One step's numbers as the host reads them: the same on every rank."""
+
+    finite: bool  # loss and gradient norm are finite on every rank
     nonfinite_ranks: tuple[int, ...]
-    losses: tuple[float, ...]  # each rank's loss of this step
+    losses: tuple[float, ...]  # each rank's loss of the step
     grad_norm: float  # the global gradient norm (rank 0's; every rank computes the same after the reduction)
 
     @property
@@ -132,49 +170,51 @@ class StepControl:
         return sum(self.losses) / len(self.losses)
 
 
+class StepOutcome:
+    """Every rank's loss and gradient norm of one step, gathered and judged on the device.
+
+    `skip` is a 0-dim float32 device tensor, 1.0 when any rank's loss or gradient norm is
+    non-finite: the optimizer can skip the update on it (clip.train.apply_update) without the host
+    waiting for the step to finish. The numbers are copied to the host as soon as the device has
+    them; `report()` reads them, best once the device is busy with a later step (the trainer reads
+    step N while step N+1 runs), when the copy has long finished and the device never idles.
+    An all-gather rather than a reduction, so that a report can name the non-finite rank.
+    """
+
+    def __init__(self, loss: torch.Tensor, grad_norm: torch.Tensor):
+        values = torch.stack([loss.detach().reshape(()), grad_norm.detach().reshape(())]).float()  # [2]
+        if is_distributed():
+            gathered = values.new_empty(dist.get_world_size() * 2)
+            dist.all_gather_into_tensor(gathered, values)
+            values = gathered
+        values = values.view(-1, 2)  # [W, 2]: loss, grad_norm
+        self.skip = torch.isfinite(values).all().logical_not().float()
+        # A non-blocking copy to the CPU lands in pinned memory; the event marks its end.
+        self._host_values = values.to("cpu", non_blocking=True)
+        self._copied = None
+        if values.device.type == "cuda":
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+
+    def report(self) -> StepReport:
+        """The step's numbers on the host (waits for the copy if the device has not finished it)."""
+        if self._copied is not None:
+            self._copied.synchronize()
+        rows = self._host_values.tolist()
+        finite = [math.isfinite(loss) and math.isfinite(grad_norm) for loss, grad_norm in rows]
+        return StepReport(
+            finite=all(finite),
+            nonfinite_ranks=tuple(rank for rank, ok in enumerate(finite) if not ok),
+            losses=tuple(loss for loss, _ in rows),
+            grad_norm=rows[0][1],
+        )
+
+
 def _average_gradient(param: torch.Tensor) -> None:
     # Averaging is linear, so a gradient accumulated over several backward passes may be averaged
     # after each of them: already-averaged parts are equal on all ranks and stay unchanged.
     dist.all_reduce(param.grad)
     param.grad.div_(dist.get_world_size())
-
-
-def exchange_step_control(
-    has_batch: bool, stop: bool, loss: torch.Tensor | float, grad_norm: torch.Tensor | float, device: torch.device
-) -> StepControl:
-    """All ranks learn every rank's flags, loss and gradient norm with a single tiny collective.
-
-    `loss` and `grad_norm` may be device tensors of a step the device is still computing: reading
-    them here, with the flags, is the one point where a training step waits for the device (the
-    host runs ahead until then, e.g. fetching the next batch). A step is finite on a rank when both
-    are. An all-gather rather than a MIN/MAX all-reduce: the same one round trip, and the error
-    messages can name the rank that went non-finite.
-    """
-    flags = torch.tensor([float(has_batch), float(stop)], dtype=torch.float64)
-    values = [_as_float64(value, device) for value in (loss, grad_norm)]
-    local = torch.cat([flags.to(device, non_blocking=True), *values])  # [4]
-    if is_distributed():
-        gathered = torch.empty(dist.get_world_size() * 4, dtype=torch.float64, device=device)
-        dist.all_gather_single(gathered, local)
-        local = gathered
-    rows = local.view(-1, 4).cpu().tolist()  # [W, 4]: has_batch, stop, loss, grad_norm
-    finite = [math.isfinite(row[2]) and math.isfinite(row[3]) for row in rows]
-    return StepControl(
-        has_batch=all(row[0] == 1.0 for row in rows),
-        finite=all(finite),
-        stop=any(row[1] == 1.0 for row in rows),
-        nonfinite_ranks=tuple(rank for rank, ok in enumerate(finite) if not ok),
-        losses=tuple(row[2] for row in rows),
-        grad_norm=rows[0][3],
-    )
-
-
-def _as_float64(value: torch.Tensor | float, device: torch.device) -> torch.Tensor:
-    """A [1] float64 tensor on `device`, without waiting for the device (host values are copied
-    asynchronously; tensors are converted where they are)."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().reshape(1).to(device=device, dtype=torch.float64)
-    return torch.tensor([float(value)], dtype=torch.float64).to(device, non_blocking=True)
 
 
 def all_ranks_agree(ok: bool, device: torch.device) -> bool:

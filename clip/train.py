@@ -5,9 +5,12 @@
 Read top to bottom: checks that need no side effects, the process group, the run directory and
 resume decision, the model (locked towers, activation checkpointing, compile, then DDP/FSDP2), the
 optimizer, the data, then the loop. Each step: forward/backward over the global batch (GradCache
-micro-batches), gradient norm, the next batch, one tiny all-gather that makes every rank agree on
-[has next batch, step finite, stop requested], then the update (or a skip on every rank), logging,
-evaluation and checkpointing. See docs/training.md.
+micro-batches), gradient norm, an all-gather of every rank's [loss, gradient norm] on the device
+that decides there whether the update is skipped (a non-finite value on any rank), the update;
+then, while the device computes all that, the next batch, one tiny host all-gather of [has next
+batch, stop requested], and the bookkeeping of the previous step (the host reads a step's numbers
+one step late, so it never waits for the device except to log, evaluate or checkpoint). See
+docs/training.md.
 """
 
 from __future__ import annotations
@@ -69,10 +72,12 @@ from clip.data.eval_datasets import load_classification_set
 from clip.data.records import SKIP_REASONS
 from clip.data.sources import DataConfigError
 from clip.distributed import (
+    StepOutcome,
+    StepReport,
     apply_data_parallel,
     barrier,
     destroy_distributed,
-    exchange_step_control,
+    exchange_host_flags,
     get_device,
     init_distributed,
     read_launch_env,
@@ -242,17 +247,18 @@ def train(cfg: TrainConfig) -> TrainResult:
     interval = _Interval()
     data_iter = iter(loader)
     batch, data_state = _next_batch(data_iter, loader, interval)
-    control = exchange_step_control(batch is not None, stop_request.requested, 0.0, 0.0, device)
+    flags = exchange_host_flags(batch is not None, stop_request.requested)
+    unread: _UnreadStep | None = None  # the newest step whose numbers the host has not read yet
     preempted = False
     try:
-        while counters.step < max_steps and not control.stop:
-            if not control.has_batch:
+        while counters.step < max_steps and not flags.stop:
+            if not flags.has_batch:
                 # Some rank's epoch ended (or the run resumed at an epoch's end): every rank starts the
                 # next epoch at this same step, so no rank waits in a collective the others never join.
                 data_iter = iter(loader)
                 batch, data_state = _next_batch(data_iter, loader, interval)
-                control = exchange_step_control(batch is not None, stop_request.requested, 0.0, 0.0, device)
-                if not control.has_batch:
+                flags = exchange_host_flags(batch is not None, stop_request.requested)
+                if not flags.has_batch:
                     raise RuntimeError(f"no training batch at the start of a new epoch (step {counters.step})")
                 continue
             step = counters.step + 1
@@ -271,7 +277,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 loss, grad_norm = train_step(
                     wrapped, images, texts, loss_fn, num_microbatches=num_microbatches, autocast=autocast,
                     scaler=scaler, optimizer=optimizer, grad_clip_norm=cfg.optim.grad_clip_norm,
-                )  # device tensors: nothing waits for the device before the step-control exchange
+                )  # device tensors: nothing in the step waits for the device
             except torch.OutOfMemoryError as error:
                 guidance = _oom_guidance(cfg, rank, step, per_device_batch, num_microbatches, device)
                 raise torch.OutOfMemoryError(guidance) from error
@@ -280,57 +286,57 @@ def train(cfg: TrainConfig) -> TrainResult:
             if fault_here and step == cfg.fault.signal_at_step:
                 os.kill(os.getpid(), signal.SIGTERM)
 
-            # The next batch is fetched before the agreement so that "has a batch" rides along with
-            # "finite" and "stop" in one collective. The checkpoint records the consumed batch's position.
-            consumed_state = data_state
-            batch, data_state = _next_batch(data_iter, loader, interval)
-            control = exchange_step_control(batch is not None, stop_request.requested, loss, grad_norm, device)
-
-            if control.finite:
-                apply_update(model, optimizer, scaler)
-                counters.consecutive_nonfinite = 0
-            else:
-                counters.nonfinite_steps += 1
-                counters.consecutive_nonfinite += 1
-                if scaler is not None:
-                    # Every rank backs off the loss scale together (local inf checks may differ under FSDP).
-                    scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
-                logger.warning(
-                    "step %d: non-finite loss or gradient on rank(s) %s (losses %s, lr %.3g, logit_scale %.4f): skipped",
-                    step, list(control.nonfinite_ranks), _fmt_losses(control.losses), lr, _logit_scale(model),
-                )
+            outcome = StepOutcome(loss, grad_norm)
+            apply_update(model, optimizer, scaler, skip=outcome.skip)
             optimizer.zero_grad(set_to_none=True)
             counters.step = step
             counters.samples_seen += cfg.global_batch_size
             interval.num_steps += 1
-            _check_divergence(cfg, counters, control, lr, model, checkpoint_dir)
 
-            if step % cfg.log.every_steps == 0 or step == max_steps:
-                metrics = _train_metrics(control, lr, model, interval, cfg, counters, scaler)
-                mfu = get_mfu(metrics["train/samples_per_s"], flops_per_sample, peak_flops, world_size)
-                if mfu is not None:
-                    metrics["train/mfu"] = mfu
-                metrics["train/epoch"] = consumed_state.get("epoch", 0)
-                metrics.update(_skip_metrics(skipped, device))
-                metrics_logger.log(step, metrics)
-                metrics_logger.print(_console_line(step, max_steps, metrics))
-                interval = _Interval()
-            if eval_sets and cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < max_steps:
-                _arm_watchdog(cfg.dist.watchdog_s)
-                eval_metrics = _evaluate(eval_sets, wrapped, model, tokenize, cfg, device)
-                metrics_logger.log(step, eval_metrics)
-                metrics_logger.print(_eval_line(step, eval_metrics))
-                apply_tower_lock(model, lock_image=cfg.lock_image, lock_text=cfg.lock_text)
-                interval = _Interval()
-            # A periodic checkpoint of a skipped (non-finite) step would only move the data position past it.
-            periodic = cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and control.finite
-            if control.stop or step == max_steps or periodic:
-                _arm_watchdog(cfg.dist.watchdog_s)
-                save(step, consumed_state)
+            # While the device works: the next batch, and the host flags that say whether there is a
+            # step after this one. The checkpoint records the consumed batch's position.
+            consumed_state = data_state
+            batch, data_state = _next_batch(data_iter, loader, interval)
+            flags = exchange_host_flags(batch is not None, stop_request.requested)
+            # The previous step finished on the device before this one started: reading it now costs
+            # no device time. A divergence is thus noticed one step late, and the run stops before
+            # this step is logged or saved.
+            if unread is not None:
+                _account(unread, cfg, counters, model, checkpoint_dir)
+            unread = _UnreadStep(step, lr, outcome)
+
+            logs = step % cfg.log.every_steps == 0 or step == max_steps
+            evaluates = bool(eval_sets and cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < max_steps)
+            periodic = bool(cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0)
+            if logs or evaluates or periodic or flags.stop or step == max_steps:
+                # This step is logged, evaluated or saved: the host waits for the device here only.
+                report = _account(unread, cfg, counters, model, checkpoint_dir)
+                unread = None
+                if logs:
+                    metrics = _train_metrics(report, lr, model, interval, cfg, counters, scaler)
+                    mfu = get_mfu(metrics["train/samples_per_s"], flops_per_sample, peak_flops, world_size)
+                    if mfu is not None:
+                        metrics["train/mfu"] = mfu
+                    metrics["train/epoch"] = consumed_state.get("epoch", 0)
+                    metrics.update(_skip_metrics(skipped, device))
+                    metrics_logger.log(step, metrics)
+                    metrics_logger.print(_console_line(step, max_steps, metrics))
+                    interval = _Interval()
+                if evaluates:
+                    _arm_watchdog(cfg.dist.watchdog_s)
+                    eval_metrics = _evaluate(eval_sets, wrapped, model, tokenize, cfg, device)
+                    metrics_logger.log(step, eval_metrics)
+                    metrics_logger.print(_eval_line(step, eval_metrics))
+                    apply_tower_lock(model, lock_image=cfg.lock_image, lock_text=cfg.lock_text)
+                    interval = _Interval()
+                # A periodic checkpoint of a skipped (non-finite) step would only move the data position past it.
+                if flags.stop or step == max_steps or (periodic and report.finite):
+                    _arm_watchdog(cfg.dist.watchdog_s)
+                    save(step, consumed_state)
             if fault_here and step == cfg.fault.kill_at_step:
                 os.kill(os.getpid(), signal.SIGKILL)
 
-        preempted = control.stop
+        preempted = flags.stop
         _arm_watchdog(cfg.dist.watchdog_s)
         if preempted:
             logger.warning("stop requested (signal %s): checkpoint of step %d written, exiting", stop_request.signum, counters.step)
@@ -367,9 +373,9 @@ def train_step(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of this rank's share of the global-batch loss; returns (loss, global grad norm).
 
-    Both are 0-dim device tensors, and nothing here waits for the device: the caller reads them
-    once, in the step-control exchange. The optimizer update is the caller's (`apply_update`): it
-    happens only if every rank's result is finite.
+    Both are 0-dim device tensors, and nothing here waits for the device. The optimizer update is
+    the caller's (`apply_update`): it happens only if every rank's result is finite
+    (clip.distributed.StepOutcome).
     """
     loss = forward_backward(wrapped, images, texts, loss_fn, num_microbatches, autocast=autocast, grad_scaler=scaler)
     if scaler is not None:
@@ -381,14 +387,26 @@ def train_step(
     return loss, grad_norm
 
 
-def apply_update(model: CLIP, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
-    """The update of a step that is finite on every rank: AdamW (through the loss scaler under fp16),
-    then the temperature clamp."""
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
+def apply_update(model: CLIP, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, *, skip: torch.Tensor) -> None:
+    """AdamW and the temperature clamp, skipped on the device when `skip` (a 0-dim float32 device
+    tensor, StepOutcome.skip) is 1.0: the fused kernel then leaves parameters, moments and step
+    counts bitwise untouched, so no rank waits for the verdict on the host."""
+    # GradScaler's contract with fused optimizers (torch/amp/grad_scaler.py, GradScaler.step): the
+    # kernel skips the update where `found_inf` is nonzero; `grad_scale` None because train_step has
+    # unscaled the gradients already. A non-fused AdamW refuses these attributes loudly.
+    optimizer.found_inf, optimizer.grad_scale = skip, None
+    try:
         optimizer.step()
+    finally:
+        del optimizer.found_inf, optimizer.grad_scale
+    if scaler is not None:
+        # fp16: the loss scale must move alike on every rank, and GradScaler has seen only this rank's
+        # gradients (FSDP shards them). Reading the agreed verdict costs fp16 steps one wait for the
+        # device; bf16 and fp32 steps have none.
+        if skip.item():
+            scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+        else:
+            scaler.update()
     clamp_logit_scale(model)
 
 
@@ -588,19 +606,40 @@ def _load_tokenizer(cfg: TrainConfig) -> Tokenizer:
         raise ConfigError(message if "model.text." in message else f"model.text.tokenizer: {message}") from None
 
 
-def _check_divergence(cfg: TrainConfig, counters: _Counters, control: Any, lr: float, model: CLIP, checkpoint_dir: Path) -> None:
+@dataclass(frozen=True)
+class _UnreadStep:
+    """A step the device may still be computing: its numbers are read later (`_account`)."""
+
+    step: int
+    lr: float
+    outcome: StepOutcome
+
+
+def _account(unread: _UnreadStep, cfg: TrainConfig, counters: _Counters, model: CLIP, checkpoint_dir: Path) -> StepReport:
+    """Read a step's numbers on the host: count and report a skipped step; stop a diverging run (G10).
+    Steps are accounted in order, each once."""
+    report = unread.outcome.report()
+    if report.finite:
+        counters.consecutive_nonfinite = 0
+    else:
+        counters.nonfinite_steps += 1
+        counters.consecutive_nonfinite += 1
+        logger.warning(
+            "step %d: non-finite loss or gradient on rank(s) %s (losses %s, lr %.3g, logit_scale %.4f): skipped",
+            unread.step, list(report.nonfinite_ranks), _fmt_losses(report.losses), unread.lr, _logit_scale(model),
+        )
     too_many_in_row = counters.consecutive_nonfinite >= cfg.nan.max_consecutive
     too_many = cfg.nan.max_total and counters.nonfinite_steps >= cfg.nan.max_total
-    if not (too_many_in_row or too_many):
-        return
-    first = counters.step - counters.consecutive_nonfinite + 1
-    latest = find_latest(checkpoint_dir)
-    what = f"steps {first}-{counters.step}" if too_many_in_row else f"{counters.nonfinite_steps} steps in total"
-    raise NonFiniteLossError(
-        f"non-finite loss at {what} on rank(s) {list(control.nonfinite_ranks)} "
-        f"(loss={_fmt_losses(control.losses)}, lr={lr:.3g}, logit_scale={_logit_scale(model):.4f}); "
-        f"last good checkpoint: {latest.name if latest else 'none'}"
-    )
+    if too_many_in_row or too_many:
+        first = unread.step - counters.consecutive_nonfinite + 1
+        latest = find_latest(checkpoint_dir)
+        what = f"steps {first}-{unread.step}" if too_many_in_row else f"{counters.nonfinite_steps} steps in total"
+        raise NonFiniteLossError(
+            f"non-finite loss at {what} on rank(s) {list(report.nonfinite_ranks)} "
+            f"(loss={_fmt_losses(report.losses)}, lr={unread.lr:.3g}, logit_scale={_logit_scale(model):.4f}); "
+            f"last good checkpoint: {latest.name if latest else 'none'}"
+        )
+    return report
 
 
 def _fmt_losses(losses: tuple[float, ...]) -> str:
@@ -774,13 +813,13 @@ class _Interval:
         return max(time.perf_counter() - self.start, 1e-9)
 
 
-def _train_metrics(control, lr, model, interval, cfg, counters, scaler) -> dict[str, float]:
+def _train_metrics(report: StepReport, lr, model, interval, cfg, counters, scaler) -> dict[str, float]:
     scale = math.exp(_logit_scale(model))
     metrics = {
-        "train/loss": control.mean_loss,
+        "train/loss": report.mean_loss,
         "train/lr": lr,
         "train/logit_scale": scale,
-        "train/grad_norm": control.grad_norm,
+        "train/grad_norm": report.grad_norm,
         "train/samples_per_s": interval.num_steps * cfg.global_batch_size / interval.seconds,
         "train/data_wait": interval.data_seconds / interval.seconds,
         "train/samples_seen": counters.samples_seen,

@@ -6,8 +6,9 @@
 
 **Our step** is the trainer's own, on the module `clip.train.build_train_module` builds (channels_last
 for ResNets, activation checkpointing, torch.compile): `train_step` (forward, fp32 loss, backward,
-gradient norm clipped to 1.0), the step-control exchange (the step's one host-device
-synchronisation), `apply_update` (fused AdamW, temperature clamp) and `zero_grad`.
+gradient norm clipped to 1.0), `StepOutcome` (the all-gather and finiteness verdict on the device),
+`apply_update` (fused AdamW skipped on the device by that verdict, temperature clamp), `zero_grad`,
+then the host's read of the previous step's numbers, as the trainer does (no step waits for its own).
 
 **OpenCLIP's step** (`--open-clip`; open_clip_torch is a test-only reference) is `open_clip_train`'s
 with its best flags: a model built from the same config (`tests/references.py`) holding our initial
@@ -19,8 +20,11 @@ of the two are printed: equal (fp32) or close (autocast) when the comparison is 
 
 **Timing.** A synthetic batch (random images, token rows with the end-of-text token at random
 positions) on the device; each implementation runs `--warmup` steps (compilation, optimizer state),
-then steps alternate (ours, OpenCLIP, ours, ...) so both see the same machine load; each step is
-timed from an idle device to an idle device; figures are medians over `--steps`; the torch thread
+then timed runs alternate (ours, OpenCLIP, ours, ...) so both see the same machine load. A timed run
+is `--chain` consecutive steps from an idle device to an idle device, the host queueing each step
+while the device computes the previous one as in training (`--chain 1` times single steps, which
+charges a step for any wait of the host on the device); figures are per-step medians over `--steps`
+runs; the torch thread
 count is fixed (`--threads`). MFU = samples/s x training FLOPs per sample (`clip.flops`: forward
 x 3, logits included) / the device's peak (`clip.flops.get_peak_flops`), on known GPUs only.
 Peak memory (CUDA) is the high-water mark of allocated memory during one step above what was
@@ -31,8 +35,9 @@ call can run on the flash kernel.
 
 **Real shards** (`--shards PATTERN`, ours only): batches from `clip.data.build_train_loader`
 (resampled, `--workers` processes, the real tokenizer and training transform), in the trainer's
-order: the step is queued, the next batch is fetched while the device works, then the exchange
-waits. The data-wait share is the time spent blocked fetching over the wall time.
+order: the step is queued, the next batch is fetched while the device works, then the previous
+step's numbers are read. The data-wait share is the time spent blocked fetching over the wall time
+of the timed runs.
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ from typing import Callable, Optional
 import torch
 
 from clip.config import LossConfig, OptimConfig, TrainConfig, TrainModelConfig
-from clip.distributed import exchange_step_control
+from clip.distributed import StepOutcome
 from clip.flops import get_mfu, get_peak_flops, training_flops_per_sample
 from clip.loss import build_loss
 from clip.models import CLIP, get_model_config
@@ -105,21 +110,26 @@ class OurStep:
         self.scaler = build_grad_scaler(cfg.precision, device)
         self.autocast = get_autocast(cfg.precision, device)
         self.loss_fn = build_loss(cfg.loss)
+        self.unread: Optional[StepOutcome] = None  # the previous step, read during this one
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         return images.contiguous(memory_format=self.image_format)
 
-    def __call__(self, images: torch.Tensor, texts: torch.Tensor, while_running: Callable[[], None] = lambda: None) -> float:
+    def __call__(
+        self, images: torch.Tensor, texts: torch.Tensor, while_running: Callable[[], None] = lambda: None
+    ) -> torch.Tensor:
         loss, grad_norm = train_step(
             self.module, images, texts, self.loss_fn, num_microbatches=1, autocast=self.autocast, scaler=self.scaler,
             optimizer=self.optimizer, grad_clip_norm=self.cfg.optim.grad_clip_norm,
         )
-        while_running()  # the trainer fetches the next batch here
-        control = exchange_step_control(True, False, loss, grad_norm, self.device)
-        if control.finite:
-            apply_update(self.model, self.optimizer, self.scaler)
+        outcome = StepOutcome(loss, grad_norm)
+        apply_update(self.model, self.optimizer, self.scaler, skip=outcome.skip)
         self.optimizer.zero_grad(set_to_none=True)
-        return control.mean_loss
+        while_running()  # the trainer fetches the next batch here
+        if self.unread is not None:
+            self.unread.report()
+        self.unread = outcome
+        return loss.detach()
 
 
 class OpenClipStep:
@@ -202,12 +212,14 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(step, images, texts, device: torch.device) -> float:
+def timed(step, images, texts, device: torch.device, chain: int) -> float:
+    """Seconds per step over `chain` consecutive steps, from an idle device to an idle device."""
     synchronize(device)
     start = time.perf_counter()
-    step(images, texts)
+    for _ in range(chain):
+        step(images, texts)
     synchronize(device)
-    return time.perf_counter() - start
+    return (time.perf_counter() - start) / chain
 
 
 def allocated(device: torch.device) -> int:
@@ -273,7 +285,7 @@ def bench_synthetic(cfg: TrainConfig, device: torch.device, args: argparse.Names
     inputs = [(implementation.prepare(images), texts) for implementation in implementations]
     for _ in range(args.steps):  # interleaved: every round runs each implementation once
         for implementation, (step_images, step_texts), result in zip(implementations, inputs, results):
-            result.seconds.append(timed(implementation, step_images, step_texts, device))
+            result.seconds.append(timed(implementation, step_images, step_texts, device, args.chain))
     for implementation, (step_images, step_texts), result in zip(implementations, inputs, results):
         result.syncs_per_step = count_syncs(implementation, step_images, step_texts, device)
     print(f"flash attention: {check_flash_attention(ours, images, texts)}")
@@ -305,21 +317,16 @@ def bench_shards(cfg: TrainConfig, device: torch.device, args: argparse.Namespac
         batch = next(batches)
         waited += time.perf_counter() - start
 
-    total = 0.0
-    for index in range(args.warmup + args.steps):
-        if index == args.warmup:
-            waited = 0.0
-        synchronize(device)
-        start = time.perf_counter()
+    def step() -> torch.Tensor:
         images = batch.images.to(device, non_blocking=True, memory_format=ours.image_format)
-        loss = ours(images, batch.texts.to(device, non_blocking=True), while_running=fetch_next)
-        synchronize(device)
-        if index < args.warmup:
-            result.warmup_losses.append(loss)
-        else:
-            result.seconds.append(time.perf_counter() - start)
-            total += result.seconds[-1]
-    result.data_wait = waited / total
+        return ours(images, batch.texts.to(device, non_blocking=True), while_running=fetch_next)
+
+    for _ in range(args.warmup):
+        result.warmup_losses.append(float(step()))
+    waited = 0.0
+    for _ in range(args.steps):
+        result.seconds.append(timed(lambda *_: step(), None, None, device, args.chain))
+    result.data_wait = waited / (sum(result.seconds) * args.chain)
     return [result]
 
 
@@ -333,7 +340,7 @@ def describe_machine(device: torch.device, threads: int) -> str:
     return f"CPU {model}, {os.cpu_count()} cores, {threads} torch threads, torch {torch.__version__}"
 
 
-def format_results(cfg: TrainConfig, device: torch.device, results: list[Measured]) -> str:
+def format_results(cfg: TrainConfig, device: torch.device, results: list[Measured], chain: int) -> str:
     model_config = to_model_config(cfg.model)
     flops = training_flops_per_sample(model_config, global_batch=cfg.global_batch_size) if model_config.vision.kind != "timm" else 0.0
     precision = "tf32" if cfg.precision == "fp32" and torch.backends.cuda.matmul.allow_tf32 else cfg.precision
@@ -353,7 +360,8 @@ def format_results(cfg: TrainConfig, device: torch.device, results: list[Measure
         lines.append(f"{result.name:<22}{''.join(cells)}  {result.first_loss:.6f}")
     if len(results) == 2:
         ratio = results[0].median / results[1].median
-        lines.append(f"step time ratio ours/OpenCLIP: {ratio:.3f} (median of {len(results[0].seconds)} interleaved steps)")
+        runs = f"{len(results[0].seconds)} interleaved runs of {chain} step{'s' if chain > 1 else ''}"
+        lines.append(f"step time ratio ours/OpenCLIP: {ratio:.3f} (medians of {runs})")
     return "\n".join(lines)
 
 
@@ -367,15 +375,16 @@ def main(argv: list[str] | None = None) -> list[Measured]:
     parser.add_argument("--open-clip", action="store_true", help="also OpenCLIP's step with its best flags")
     parser.add_argument("--shards", default="", help="measure our step on these WebDataset shards (brace pattern)")
     parser.add_argument("--workers", type=int, default=2, help="loader worker processes with --shards")
-    parser.add_argument("--steps", type=int, default=7, help="timed steps per implementation (median)")
+    parser.add_argument("--steps", type=int, default=7, help="timed runs per implementation (median)")
+    parser.add_argument("--chain", type=int, default=3, help="consecutive steps per timed run")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, optimizer state)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     args = parser.parse_args(argv)
     if args.shards and args.open_clip:
         parser.error("--open-clip compares on synthetic batches; run --shards without it")
-    if args.warmup < 1 or args.steps < 1:
-        parser.error("--warmup and --steps must be >= 1")
+    if args.warmup < 1 or args.steps < 1 or args.chain < 1:
+        parser.error("--warmup, --steps and --chain must be >= 1")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)  # fmt: skip
     torch.set_num_threads(args.threads or os.cpu_count())
@@ -390,7 +399,7 @@ def main(argv: list[str] | None = None) -> list[Measured]:
         f"{'shards ' + args.shards if args.shards else 'synthetic batch'}; {describe_machine(device, torch.get_num_threads())}; "
         f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after"
     )
-    print(format_results(cfg, device, results))
+    print(format_results(cfg, device, results, args.chain))
     return results
 
 

@@ -137,6 +137,30 @@ def test_a_non_finite_step_is_skipped_and_counted(tmp_path):
     assert read_metrics(tmp_path)[-1]["train/nonfinite_steps"] == 1
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_a_skipped_step_leaves_parameters_and_moments_untouched_without_a_host_read(tmp_path, monkeypatch, precision):
+    # No step here is logged or checkpointed, so the host reads step 3's verdict only during step 4:
+    # the skip itself happens on the device (fused AdamW's found_inf), in every precision.
+    real_apply_update = train_module.apply_update
+    after: list[tuple[dict, dict]] = []  # per step: parameters, AdamW moments
+
+    def recorded_apply_update(model, optimizer, scaler, *, skip):
+        real_apply_update(model, optimizer, scaler, skip=skip)
+        after.append(({name: p.detach().clone() for name, p in model.named_parameters()},
+                      {f"{id(p)}.{key}": v.clone() for p, state in optimizer.state.items() for key, v in state.items()}))
+
+    monkeypatch.setattr(train_module, "apply_update", recorded_apply_update)
+    train(tiny_train_config(tmp_path, f"precision={precision}", "deterministic=false", "fault.nan_at_steps=[3]",
+                            "max_steps=4", "checkpoint.every_steps=0", "log.every_steps=4"))  # fmt: skip
+    (params_1, _), (params_2, moments_2), (params_3, moments_3), (params_4, _) = after
+    _assert_same_tensors(params_2, params_3)
+    _assert_same_tensors(moments_2, moments_3)  # step counts included
+    assert not torch.equal(params_1["visual.proj"], params_2["visual.proj"])  # while a finite step does update
+    assert not torch.equal(params_3["visual.proj"], params_4["visual.proj"])
+    nonfinite = read_metrics(tmp_path)[-1]["train/nonfinite_steps"]
+    assert nonfinite == 1 if precision != "fp16" else nonfinite >= 1  # fp16: the loss scale's overflows count too
+
+
 @pytest.mark.parametrize("where", ["loss", "gradient"])
 def test_an_infinite_loss_or_gradient_is_skipped_too(tmp_path, monkeypatch, where):
     real_forward_backward = train_module.forward_backward
@@ -156,10 +180,12 @@ def test_an_infinite_loss_or_gradient_is_skipped_too(tmp_path, monkeypatch, wher
     assert read_metrics(tmp_path)[-1]["train/nonfinite_steps"] == 1
 
 
-def test_repeated_non_finite_steps_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path):
-    # Checkpoints are due at every step, but skipped steps 5 and 6 are not checkpointed.
+@pytest.mark.parametrize("every", [1, 4])
+def test_repeated_non_finite_steps_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path, every):
+    # every=1: checkpoints are due at every step, but skipped steps 5 and 6 are not checkpointed.
+    # every=4: step 7 is read during step 8, which the run stops before checkpointing.
     with pytest.raises(NonFiniteLossError, match=r"steps 5-7 on rank\(s\) \[0\].*last good checkpoint: step-4"):
-        train(tiny_train_config(tmp_path, "fault.nan_at_steps=[5,6,7]", "checkpoint.every_steps=1"))
+        train(tiny_train_config(tmp_path, "fault.nan_at_steps=[5,6,7]", f"checkpoint.every_steps={every}"))
     latest = ckpt.find_latest(tmp_path / "checkpoints")
     assert latest.name == "step-4"
     assert all(torch.isfinite(t).all() for t in load_model_state(latest).values())

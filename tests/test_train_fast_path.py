@@ -3,8 +3,8 @@
 torch.compile of the towers traces without graph breaks and gives eager's gradients; channels_last
 changes the ResNet's layout, not its result; every attention call of the registered architectures
 meets the CUDA flash kernel's input conditions under bf16 autocast; the ViT residual stream stays in
-bf16 under autocast; and a non-logging training step reads the device exactly once, in the
-step-control exchange.
+bf16 under autocast; and a non-logging training step never reads the device: it reads host flags
+and the previous step's numbers, once the next step is queued.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 import clip.train as train_module
 from clip.config import OptimConfig
+from clip.distributed import StepOutcome
 from clip.loss import ClipLoss
 from clip.models import CLIP, get_model_config
 from clip.objective import ContrastiveModel, forward_backward
@@ -168,11 +169,13 @@ def test_the_vit_residual_stream_stays_in_the_autocast_dtype():
 HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__", "__format__")
 
 
-def test_a_training_step_reads_the_device_once(tmp_path, monkeypatch):
-    """On a GPU each of these calls would wait for the device. Only the step-control exchange may."""
+def test_the_host_reads_a_step_only_while_the_device_runs_the_next(tmp_path, monkeypatch):
+    """On a GPU each of these calls would wait for the device. In the steady state the host reads
+    only host memory: the flags it exchanges, and a step's numbers once the next step is queued."""
     use_memory_data(monkeypatch)
     reads: Counter = Counter()
     steps = {"started": 0}
+    reported_while: list[int] = []  # for each report, in order: how many steps had started
 
     def recorder(method_name):
         method = getattr(torch.Tensor, method_name)
@@ -188,18 +191,25 @@ def test_a_training_step_reads_the_device_once(tmp_path, monkeypatch):
 
         return record
 
-    real_train_step = train_module.train_step
+    real_train_step, real_report = train_module.train_step, StepOutcome.report
 
     def counted_train_step(*args, **kwargs):
         steps["started"] += 1
         return real_train_step(*args, **kwargs)
 
+    def noted_report(outcome):
+        reported_while.append(steps["started"])
+        return real_report(outcome)
+
     monkeypatch.setattr(train_module, "train_step", counted_train_step)
+    monkeypatch.setattr(StepOutcome, "report", noted_report)
     for name in HOST_READS:
         monkeypatch.setattr(torch.Tensor, name, recorder(name))
     train(tiny_train_config(tmp_path, "max_steps=6", "log.every_steps=100", "checkpoint.every_steps=0",
                             "checkpoint.export=false"))  # fmt: skip
     assert steps["started"] == 6
-    # Three steps, one exchange each: one device-to-host copy and the read of its host copy.
-    assert reads == {("distributed.py", "exchange_step_control", "cpu"): 3,
-                     ("distributed.py", "exchange_step_control", "tolist"): 3}  # fmt: skip
+    # Step k is read after step k+1 was queued; the last step (logged and saved) at once.
+    assert reported_while == [2, 3, 4, 5, 6, 6]
+    # In steps 2-4: the gathered host flags of the next step, and the previous step's numbers.
+    assert reads == {("distributed.py", "exchange_host_flags", "tolist"): 3,
+                     ("distributed.py", "report", "tolist"): 3}  # fmt: skip
