@@ -128,29 +128,26 @@ class HostFlags:
 
 
 def exchange_host_flags(has_batch: bool, stop: bool) -> HostFlags:
-    """All ranks learn each other's flags: one tiny all-gather of CPU tensors on a gloo group.
+    """All ranks agree on the flags: one MIN all-reduce of two bytes in host memory, on a gloo group.
 
     Host memory on both ends: under NCCL the same exchange of device tensors would wait for
     everything queued on the device (the step in flight) before the host could read the flags.
     """
-    flags = torch.tensor([has_batch, stop], dtype=torch.uint8)
+    flags = torch.tensor([has_batch, not stop], dtype=torch.uint8)  # MIN: every rank has a batch, none stops
     if is_distributed():
-        gathered = torch.empty(dist.get_world_size() * 2, dtype=torch.uint8)
-        dist.all_gather_into_tensor(gathered, flags, group=_host_group())
-        flags = gathered
-    rows = flags.view(-1, 2).tolist()  # [W, 2]: has_batch, stop
-    return HostFlags(has_batch=all(row[0] for row in rows), stop=any(row[1] for row in rows))
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=_host_group())
+    every_rank_has_batch, no_rank_stops = flags.tolist()
+    return HostFlags(has_batch=bool(every_rank_has_batch), stop=not no_rank_stops)
 
 
 _HOST_GROUP: dist.ProcessGroup | None = None
 
 
 def _host_group() -> dist.ProcessGroup:
-    """A gloo group over all ranks for host-to-host exchanges (the default group itself under gloo).
-    Created on first use, which every rank reaches at the same exchange."""
+    """A gloo group over all ranks for host-to-host exchanges, whatever the default backend (so CPU
+    tests run the same code as NCCL jobs). Created on first use, which every rank reaches at the
+    same exchange."""
     global _HOST_GROUP
-    if dist.get_backend() == dist.Backend.GLOO:
-        return dist.group.WORLD
     if _HOST_GROUP is None:
         _HOST_GROUP = dist.new_group(backend="gloo")
     return _HOST_GROUP
