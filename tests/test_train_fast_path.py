@@ -175,7 +175,9 @@ def test_the_vit_residual_stream_stays_in_the_autocast_dtype():
 HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__", "__format__")
 
 
-def test_the_host_reads_a_step_only_while_the_device_runs_the_next(tmp_path, monkeypatch):
+@pytest.mark.parametrize("setting", [[], ["precision=bf16"], ["micro_batch_size=4"], ["loss=siglip"]],
+                         ids=["fp32", "bf16", "gradcache", "siglip"])
+def test_the_host_reads_a_step_only_while_the_device_runs_the_next(tmp_path, monkeypatch, setting):
     """On a GPU each of these calls would wait for the device. In the steady state the host reads
     only host memory: the flags it exchanges, and a step's numbers once the next step is queued."""
     use_memory_data(monkeypatch)
@@ -212,7 +214,7 @@ def test_the_host_reads_a_step_only_while_the_device_runs_the_next(tmp_path, mon
     for name in HOST_READS:
         monkeypatch.setattr(torch.Tensor, name, recorder(name))
     train(tiny_train_config(tmp_path, "max_steps=6", "log.every_steps=100", "checkpoint.every_steps=0",
-                            "checkpoint.export=false"))  # fmt: skip
+                            "checkpoint.export=false", *setting))  # fmt: skip
     assert steps["started"] == 6
     # Step k is read after step k+1 was queued; the last step (logged and saved) at once.
     assert reported_while == [2, 3, 4, 5, 6, 6]
