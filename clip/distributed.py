@@ -99,18 +99,14 @@ def init_distributed(cfg: DistConfig, launch: LaunchEnv, device: torch.device) -
         os.environ.setdefault("RANK", str(launch.rank))
         os.environ.setdefault("WORLD_SIZE", str(launch.world_size))
         os.environ.setdefault("LOCAL_RANK", str(launch.local_rank))
-    dist.init_process_group(
-        backend=backend,
-        timeout=timedelta(seconds=cfg.timeout_s),
-        device_id=device if device.type == "cuda" else None,
-    )
+    timeout = timedelta(seconds=cfg.timeout_s)
+    dist.init_process_group(backend=backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
+    _create_host_group(timeout)  # with the job's timeout: new_group's default is gloo's 30 minutes
 
 
 def destroy_distributed() -> None:
-    global _HOST_GROUP
     if is_distributed():
         dist.destroy_process_group()  # all groups, the host group included
-    _HOST_GROUP = None
 
 
 def barrier() -> None:
@@ -140,17 +136,23 @@ def exchange_host_flags(has_batch: bool, stop: bool) -> HostFlags:
     return HostFlags(has_batch=bool(every_rank_has_batch), stop=not no_rank_stops)
 
 
-_HOST_GROUP: dist.ProcessGroup | None = None
+# (the default group it belongs to, a gloo group over the same ranks)
+_HOST_GROUP: tuple[dist.ProcessGroup, dist.ProcessGroup] | None = None
+
+
+def _create_host_group(timeout: timedelta | None = None) -> None:
+    """A gloo group over all ranks for host-to-host exchanges, whatever the default backend (so CPU
+    tests run the same code as NCCL jobs). Every rank must call this at the same point."""
+    global _HOST_GROUP
+    _HOST_GROUP = (dist.group.WORLD, dist.new_group(backend="gloo", timeout=timeout))
 
 
 def _host_group() -> dist.ProcessGroup:
-    """A gloo group over all ranks for host-to-host exchanges, whatever the default backend (so CPU
-    tests run the same code as NCCL jobs). Created on first use, which every rank reaches at the
-    same exchange."""
-    global _HOST_GROUP
-    if _HOST_GROUP is None:
-        _HOST_GROUP = dist.new_group(backend="gloo")
-    return _HOST_GROUP
+    if _HOST_GROUP is None or _HOST_GROUP[0] is not dist.group.WORLD:
+        # A process group made outside init_distributed (tests), or a new one since: every rank
+        # reaches its first exchange at the same point.
+        _create_host_group()
+    return _HOST_GROUP[1]
 
 
 @dataclass(frozen=True)
@@ -182,7 +184,7 @@ class StepOutcome:
         values = torch.stack([loss.detach().reshape(()), grad_norm.detach().reshape(())]).float()  # [2]
         if is_distributed():
             gathered = values.new_empty(dist.get_world_size() * 2)
-            dist.all_gather_into_tensor(gathered, values)
+            dist.all_gather_single(gathered, values)
             values = gathered
         values = values.view(-1, 2)  # [W, 2]: loss, grad_norm
         self.skip = torch.isfinite(values).all().logical_not().float()

@@ -249,6 +249,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     batch, data_state = _next_batch(data_iter, loader, interval)
     flags = exchange_host_flags(batch is not None, stop_request.requested)
     unread: _UnreadStep | None = None  # the newest step whose numbers the host has not read yet
+    saved_step = counters.step  # the newest step with a checkpoint (or none yet)
     preempted = False
     try:
         while counters.step < max_steps and not flags.stop:
@@ -333,11 +334,17 @@ def train(cfg: TrainConfig) -> TrainResult:
                 if flags.stop or step == max_steps or (periodic and report.finite):
                     _arm_watchdog(cfg.dist.watchdog_s)
                     save(step, consumed_state)
+                    saved_step = step
             if fault_here and step == cfg.fault.kill_at_step:
                 os.kill(os.getpid(), signal.SIGKILL)
 
         preempted = flags.stop
         _arm_watchdog(cfg.dist.watchdog_s)
+        if preempted and saved_step < counters.step:
+            # The stop was agreed while the ranks started a new epoch, after a step that saved nothing.
+            if unread is not None:
+                _account(unread, cfg, counters, model, checkpoint_dir)
+            save(counters.step, consumed_state)
         if preempted:
             logger.warning("stop requested (signal %s): checkpoint of step %d written, exiting", stop_request.signum, counters.step)
         else:
@@ -625,8 +632,9 @@ def _account(unread: _UnreadStep, cfg: TrainConfig, counters: _Counters, model: 
         counters.nonfinite_steps += 1
         counters.consecutive_nonfinite += 1
         logger.warning(
-            "step %d: non-finite loss or gradient on rank(s) %s (losses %s, lr %.3g, logit_scale %.4f): skipped",
+            "step %d: non-finite loss or gradient on rank(s) %s (losses %s, lr %.3g, logit_scale %.4f after step %d): skipped",
             unread.step, list(report.nonfinite_ranks), _fmt_losses(report.losses), unread.lr, _logit_scale(model),
+            counters.step,
         )
     too_many_in_row = counters.consecutive_nonfinite >= cfg.nan.max_consecutive
     too_many = cfg.nan.max_total and counters.nonfinite_steps >= cfg.nan.max_total
@@ -636,7 +644,8 @@ def _account(unread: _UnreadStep, cfg: TrainConfig, counters: _Counters, model: 
         what = f"steps {first}-{unread.step}" if too_many_in_row else f"{counters.nonfinite_steps} steps in total"
         raise NonFiniteLossError(
             f"non-finite loss at {what} on rank(s) {list(report.nonfinite_ranks)} "
-            f"(loss={_fmt_losses(report.losses)}, lr={unread.lr:.3g}, logit_scale={_logit_scale(model):.4f}); "
+            f"(loss={_fmt_losses(report.losses)}, lr={unread.lr:.3g}, "
+            f"logit_scale={_logit_scale(model):.4f} after step {counters.step}); "
             f"last good checkpoint: {latest.name if latest else 'none'}"
         )
     return report

@@ -8,11 +8,13 @@ on the device; the host's report names the rank.
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 import torch.distributed as dist
 
-from clip.distributed import StepOutcome, exchange_host_flags
+from clip.config import DistConfig
+from clip.distributed import StepOutcome, destroy_distributed, exchange_host_flags, init_distributed, read_launch_env
 from tests.multiprocess import run_on_ranks
 
 
@@ -55,3 +57,25 @@ def test_one_process_needs_no_process_group():
     outcome = StepOutcome(torch.tensor(math.nan), torch.tensor(1.0))
     assert outcome.skip.dtype == torch.float32 and outcome.skip.item() == 1.0
     assert outcome.report().nonfinite_ranks == (0,)
+
+
+def _wait_for_a_late_rank(timeout_s: int, late_by_s: float) -> str:
+    init_distributed(DistConfig(timeout_s=timeout_s), read_launch_env(), torch.device("cpu"))
+    try:
+        if dist.get_rank() == 1:
+            time.sleep(late_by_s)  # e.g. stuck reading its next batch
+            return "late"
+        start = time.monotonic()
+        try:
+            exchange_host_flags(True, False)
+        except RuntimeError as error:
+            return f"gave up after {time.monotonic() - start:.0f} s: {type(error).__name__}"
+        return "did not time out"
+    finally:
+        destroy_distributed()
+
+
+def test_the_host_flag_exchange_times_out_after_dist_timeout_s():
+    # new_group's own default would be gloo's 30 minutes, not the job's timeout.
+    waited = run_on_ranks(_wait_for_a_late_rank, 2, args=(2, 8.0), init_process_group=False)[0]
+    assert waited.startswith("gave up after") and int(waited.split()[3]) < 6, waited

@@ -103,6 +103,23 @@ def test_sigusr1_preempts_like_sigterm_and_the_handlers_are_restored(tmp_path, m
     assert after == before
 
 
+def test_a_stop_agreed_while_a_new_epoch_starts_still_checkpoints_the_last_step(tmp_path, monkeypatch):
+    # G6: the ranks exchange flags again when an epoch ends (16 steps of 16 here); a signal that lands
+    # just before that exchange stops the run there, with the last step saved like any other stop.
+    real_exchange = train_module.exchange_host_flags
+    had_batch = []
+
+    def exchange_host_flags(has_batch, stop):
+        epoch_restart = bool(had_batch) and not had_batch[-1]
+        had_batch.append(has_batch)
+        return real_exchange(has_batch, stop or epoch_restart)
+
+    monkeypatch.setattr(train_module, "exchange_host_flags", exchange_host_flags)
+    result = train(tiny_train_config(tmp_path, "max_steps=20", "checkpoint.every_steps=0", "log.every_steps=100"))
+    assert result.preempted and result.step == 16
+    assert ckpt.find_latest(tmp_path / "checkpoints").name == "step-16"
+
+
 def test_a_resumed_run_replays_the_random_state_of_the_uninterrupted_one(tmp_path):
     # G1: patch dropout draws from the trainer's RNG every step, so a resume that did not restore
     # the checkpointed RNG state would drop other patches than the uninterrupted run.
