@@ -30,8 +30,9 @@ x 3, logits included) / the device's peak (`clip.flops.get_peak_flops`), on know
 Peak memory (CUDA) is the high-water mark of allocated memory during one step above what was
 allocated before the implementation was built (its weights, gradients, AdamW state, activations).
 On CPU memory is not reported (use scripts/measure_memory.py). On CUDA the script also counts the
-synchronising calls in one step (`torch.cuda.set_sync_debug_mode`) and checks that every attention
-call can run on the flash kernel.
+synchronising calls in one step (`torch.cuda.set_sync_debug_mode`; it does not see our wait on
+the previous step's copy event, which the device has passed by then) and checks that every
+attention call can run on the flash kernel.
 
 **Real shards** (`--shards PATTERN`, ours only): batches from `clip.data.build_train_loader`
 (resampled, `--workers` processes, the real tokenizer and training transform), in the trainer's
