@@ -1,8 +1,9 @@
 """CUDA-only checks: skipped where no GPU is visible (CI has none).
 
-Run them on a GPU machine with `pytest tests/test_cuda.py`. Both were first run as scripts on an
-H100 (docs/benchmarks.md, docs/api.md); this file is their permanent form. The sync count of 0 has
-not been run on a GPU yet (it was 1 before the step's verdict moved onto the device).
+Run them on a GPU machine with `pytest tests/test_cuda.py`. The fp16 load and the flash-attention
+check were first run as scripts on an H100 (docs/benchmarks.md, docs/api.md); this file is their
+permanent form. Not yet run on a GPU: the sync count of 0 (it was 1 before the step's verdict moved
+onto the device) and the trainer run with a skipped step.
 """
 
 from __future__ import annotations
@@ -43,3 +44,16 @@ def test_training_step_never_waits_for_the_device_and_attention_is_flash_eligibl
     (ours,) = bench.main(["--model", "tiny-vit", "--batch", "16", "--steps", "2", "--warmup", "2", "--device", "cuda"])
     assert ours.syncs_per_step == 0
     assert "flash attention: usable by every attention call" in capsys.readouterr().out
+
+
+def test_the_trainer_skips_a_non_finite_step_on_cuda_without_waiting_for_it(tmp_path, monkeypatch):
+    """The whole loop on CUDA: the device-side skip, the pinned copy read one step late, the count."""
+    from clip.train import train
+    from tests.train_fixtures import read_metrics, tiny_train_config, use_memory_data
+
+    use_memory_data(monkeypatch)
+    result = train(tiny_train_config(tmp_path, "device=cuda", "precision=bf16", "compile=false", "deterministic=false",
+                                     "fault.nan_at_steps=[3]", "max_steps=6", "checkpoint.every_steps=0",
+                                     "log.every_steps=6"))  # fmt: skip
+    assert result.step == 6
+    assert read_metrics(tmp_path)[-1]["train/nonfinite_steps"] == 1
