@@ -7,7 +7,7 @@ resume decision, the model (locked towers, activation checkpointing, compile, th
 optimizer, the data, then the loop. Each step: forward/backward over the global batch (GradCache
 micro-batches), gradient norm, an all-gather of every rank's [loss, gradient norm] on the device
 that decides there whether the update is skipped (a non-finite value on any rank), the update;
-then, while the device computes all that, the next batch, one tiny host all-gather of [has next
+then, while the device computes all that, the next batch, one tiny host all-reduce of [has next
 batch, stop requested], and the bookkeeping of the previous step (the host reads a step's numbers
 one step late, so it never waits for the device except to log, evaluate or checkpoint). See
 docs/training.md.
