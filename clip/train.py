@@ -307,7 +307,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             unread = _UnreadStep(step, lr, outcome)
 
             logs = step % cfg.log.every_steps == 0 or step == max_steps
-            evaluates = bool(eval_sets and cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < max_steps)
+            evaluates = bool(eval_sets and cfg.eval.every_steps and step % cfg.eval.every_steps == 0)
+            evaluates = evaluates and step < max_steps  # the last step's evaluation follows the loop
             periodic = bool(cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0)
             if logs or evaluates or periodic or flags.stop or step == max_steps:
                 # This step is logged, evaluated or saved: the host waits for the device here only.
@@ -394,7 +395,9 @@ def train_step(
     return loss, grad_norm
 
 
-def apply_update(model: CLIP, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, *, skip: torch.Tensor) -> None:
+def apply_update(
+    model: CLIP, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, *, skip: torch.Tensor
+) -> None:
     """AdamW and the temperature clamp, skipped on the device when `skip` (a 0-dim float32 device
     tensor, StepOutcome.skip) is 1.0: the fused kernel then leaves parameters, moments and step
     counts bitwise untouched, so no rank waits for the verdict on the host."""
@@ -622,7 +625,9 @@ class _UnreadStep:
     outcome: StepOutcome
 
 
-def _account(unread: _UnreadStep, cfg: TrainConfig, counters: _Counters, model: CLIP, checkpoint_dir: Path) -> StepReport:
+def _account(
+    unread: _UnreadStep, cfg: TrainConfig, counters: _Counters, model: CLIP, checkpoint_dir: Path
+) -> StepReport:
     """Read a step's numbers on the host: count and report a skipped step; stop a diverging run (G10).
     Steps are accounted in order, each once."""
     report = unread.outcome.report()
@@ -632,7 +637,8 @@ def _account(unread: _UnreadStep, cfg: TrainConfig, counters: _Counters, model: 
         counters.nonfinite_steps += 1
         counters.consecutive_nonfinite += 1
         logger.warning(
-            "step %d: non-finite loss or gradient on rank(s) %s (losses %s, lr %.3g, logit_scale %.4f after step %d): skipped",
+            "step %d: non-finite loss or gradient on rank(s) %s (losses %s, lr %.3g, "
+            "logit_scale %.4f after step %d): skipped",
             unread.step, list(report.nonfinite_ranks), _fmt_losses(report.losses), unread.lr, _logit_scale(model),
             counters.step,
         )

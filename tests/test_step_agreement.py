@@ -14,7 +14,14 @@ import torch
 import torch.distributed as dist
 
 from clip.config import DistConfig
-from clip.distributed import StepOutcome, destroy_distributed, exchange_host_flags, init_distributed, read_launch_env
+from clip.distributed import (
+    HostFlags,
+    StepOutcome,
+    destroy_distributed,
+    exchange_host_flags,
+    init_distributed,
+    read_launch_env,
+)
 from tests.multiprocess import run_on_ranks
 
 
@@ -53,7 +60,8 @@ def test_a_non_finite_value_on_one_rank_skips_the_step_on_every_rank_and_is_name
 
 
 def test_one_process_needs_no_process_group():
-    assert exchange_host_flags(False, True).has_batch is False
+    assert exchange_host_flags(False, True) == HostFlags(has_batch=False, stop=True)
+    assert exchange_host_flags(True, False) == HostFlags(has_batch=True, stop=False)
     outcome = StepOutcome(torch.tensor(math.nan), torch.tensor(1.0))
     assert outcome.skip.dtype == torch.float32 and outcome.skip.item() == 1.0
     assert outcome.report().nonfinite_ranks == (0,)

@@ -163,8 +163,9 @@ def test_a_skipped_step_leaves_parameters_and_moments_untouched_without_a_host_r
 
     def recorded_apply_update(model, optimizer, scaler, *, skip):
         real_apply_update(model, optimizer, scaler, skip=skip)
-        after.append(({name: p.detach().clone() for name, p in model.named_parameters()},
-                      {f"{id(p)}.{key}": v.clone() for p, state in optimizer.state.items() for key, v in state.items()}))
+        params = {name: p.detach().clone() for name, p in model.named_parameters()}
+        moments = {f"{id(p)}.{key}": v.clone() for p, state in optimizer.state.items() for key, v in state.items()}
+        after.append((params, moments))
 
     monkeypatch.setattr(train_module, "apply_update", recorded_apply_update)
     train(tiny_train_config(tmp_path, f"precision={precision}", "deterministic=false", "fault.nan_at_steps=[3]",
