@@ -39,6 +39,19 @@ attention call can run on the flash kernel.
 order: the step is queued, the next batch is fetched while the device works, then the previous
 step's numbers are read. The data-wait share is the time spent blocked fetching over the wall time
 of the timed runs.
+
+**Profile** (`--profile`, ours, synthetic batch): after the timed runs, `torch.profiler` records
+`--chain` more steps of ours (CPU activity, plus CUDA activity on a GPU) and the script prints where
+a step's time goes: per category (`PROFILE_CATEGORIES`: matrix products, attention, torch.compile's
+fused kernels, other elementwise/copies/reductions, optimizer, communication, anything else) and for
+the 10 costliest kernels or operators. On CUDA it counts the kernels' device time and compares the
+device-busy time (the union of the kernels' intervals) with the wall time of the same steps: the idle
+rest is time the device waited for the host. On CPU it counts the operators' self time (each
+operator's time less its children's, so nothing counts twice; inductor's C++ kernels run inside
+its `## Call CompiledFxGraph ##` events). Profiling slows the host a little; time the step without
+it. `--profile-trace PATH` also writes the Chrome trace (open it in https://ui.perfetto.dev).
+
+    PYTHONPATH=. python scripts/bench_train.py --model ViT-B-16 --batch 512 --precision bf16 --compile --profile
 """
 
 from __future__ import annotations
@@ -47,6 +60,7 @@ import argparse
 import math
 import os
 import platform
+import re
 import statistics
 import time
 import warnings
@@ -198,6 +212,7 @@ class Measured:
     peak_mib: Optional[float] = None
     syncs_per_step: Optional[int] = None
     data_wait: Optional[float] = None
+    profile: Optional[StepProfile] = None  # --profile, ours only
 
     @property
     def first_loss(self) -> float:
@@ -272,6 +287,123 @@ def check_flash_attention(ours: OurStep, images: torch.Tensor, texts: torch.Tens
     return "usable by every attention call"
 
 
+# Profile (--profile): where one step's time goes, by kernel or operator category.
+
+# Display order. Patterns are case-sensitive regular expressions searched in a CUDA kernel's name (on a
+# GPU) or a CPU event's name (aten:: operators, autograd nodes, record_function ranges); a name takes
+# the first category of PROFILE_MATCH_ORDER whose pattern it contains, else "anything else".
+PROFILE_CATEGORIES = {
+    # cuBLAS (nvjet, sm90_xmma, cutlass gemm), Triton templates (max-autotune), ATen products and convolutions
+    "matrix products": r"gemm|gemv|nvjet|cutlass|sm90|cublas|triton_tem|"
+                       r"^aten::(mm|addmm|bmm|baddbmm|matmul|linear|mv|addmv|dot)$|^aten::\w*convolution",
+    # flash / memory-efficient / cuDNN SDPA kernels; aten::_scaled_dot_product_* on CPU
+    "attention": r"flash|fmha|sdpa|attention|^aten::_?scaled_dot_product",
+    # inductor's Triton kernels (CUDA); its C++ kernels run inside "## Call CompiledFxGraph <hash> ##" (CPU)
+    "fused elementwise (torch.compile)": r"^triton_(?!tem)|CompiledFxGraph|cpp_fused",
+    "other elementwise, copies, reductions": r"^aten::|at::native|cub::|Memcpy|Memset",
+    "optimizer (AdamW)": r"[Aa]dam",  # fused AdamW kernel and op, the Optimizer.step#AdamW.step range
+    "communication": r"nccl|gloo|c10d::|all_?gather|all_?reduce|reduce_?scatter",
+    # autograd engine and nodes, AOTAutograd/Dynamo wrappers, Python-level ranges, unmatched kernels
+    "anything else": r"",
+}
+# Specific before generic: a compiled Triton kernel may be named after the attention op it feeds,
+# cuDNN's attention kernels contain "sm90", memory-efficient attention's contain "cutlass", and
+# the fused AdamW op and kernel also match the generic ATen patterns.
+PROFILE_MATCH_ORDER = ("communication", "fused elementwise (torch.compile)", "optimizer (AdamW)", "attention",
+                       "matrix products", "other elementwise, copies, reductions", "anything else")  # fmt: skip
+PROFILE_TOP = 10  # individual kernels or operators listed
+
+
+def categorise(name: str) -> str:
+    """The PROFILE_CATEGORIES category of a profiled kernel or operator, by its name."""
+    return next(category for category in PROFILE_MATCH_ORDER if re.search(PROFILE_CATEGORIES[category], name))
+
+
+@dataclass
+class StepProfile:
+    """Seconds per step of the profiled steps: by category (every one of PROFILE_CATEGORIES, in its
+    order) and for the costliest kernels or operators."""
+
+    device: bool  # True: kernels' device time (CUDA); False: operators' CPU self time
+    wall: float  # wall time per step of the profiled steps, idle device to idle device
+    categories: dict[str, float]
+    top: list[tuple[str, str, float, float]]  # (name, category, seconds per step, calls per step)
+    busy: Optional[float] = None  # CUDA: time per step with at least one kernel running
+
+    @property
+    def total(self) -> float:
+        return sum(self.categories.values())
+
+    def share(self, category: str) -> float:
+        return self.categories[category] / self.total
+
+
+def counted_events(events, device: bool) -> list:
+    """The profiler events whose self time the profile adds up: on CUDA the device's kernels, copies
+    and memsets (not the CPU ops that launched them, which carry the same device time, nor the device
+    copies of record_function ranges); on CPU every synchronous CPU event (self times do not overlap)."""
+    from torch.autograd import DeviceType
+
+    if device:
+        return [e for e in events if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
+    return [e for e in events if e.device_type == DeviceType.CPU and not e.is_async]
+
+
+def busy_seconds(kernels: list) -> float:
+    """The length of the union of the kernels' intervals: concurrent streams count once."""
+    busy, end = 0.0, -math.inf
+    for start, stop in sorted((k.time_range.start, k.time_range.end) for k in kernels):  # microseconds
+        busy += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    return busy / 1e6
+
+
+def profile_step(step: OurStep, images: torch.Tensor, texts: torch.Tensor, chain: int,
+                 trace_path: str = "") -> StepProfile:  # fmt: skip
+    """Profiles `chain` consecutive steps (after the caller's warm-up) and adds up their time by category."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = step.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device else [])
+    with profile(activities=activities) as prof:
+        wall = timed(step, images, texts, step.device, chain)
+    if trace_path:
+        prof.export_chrome_trace(trace_path)
+    self_time = (lambda e: e.self_device_time_total) if device else (lambda e: e.self_cpu_time_total)
+    events = counted_events(prof.key_averages(), device)  # one per name, summed over the steps
+    per_name = [(e.key, self_time(e) / 1e6 / chain, e.count / chain) for e in events]
+    categories = dict.fromkeys(PROFILE_CATEGORIES, 0.0)
+    for name, seconds, _ in per_name:
+        categories[categorise(name)] += seconds
+    top = sorted(per_name, key=lambda row: row[1], reverse=True)[:PROFILE_TOP]
+    return StepProfile(
+        device=device, wall=wall, categories=categories,
+        top=[(name, categorise(name), seconds, calls) for name, seconds, calls in top],
+        busy=busy_seconds(counted_events(prof.events(), device)) / chain if device else None,
+    )  # fmt: skip
+
+
+def format_profile(profile: StepProfile, chain: int) -> str:
+    what = "kernels' device time" if profile.device else "operators' CPU self time"
+    lines = [f"profile of {chain} consecutive steps of ours, {what} per step:",
+             f"{'category':<40}{'per step':>12}{'share':>8}"]  # fmt: skip
+    for category, seconds in profile.categories.items():
+        lines.append(f"{category:<40}{1000 * seconds:9.2f} ms{100 * profile.share(category):7.1f}%")
+    lines.append(f"{'total':<40}{1000 * profile.total:9.2f} ms{100.0:7.1f}%")
+    wall = f"wall time per step in the profiled window: {1000 * profile.wall:.2f} ms"
+    if profile.busy is not None:
+        lines.append(f"{wall}; device busy {1000 * profile.busy:.2f} ms ({100 * profile.busy / profile.wall:.1f}%; "
+                     "the idle rest is the device waiting for the host)")  # fmt: skip
+    else:
+        operators = 100 * profile.total / profile.wall
+        lines.append(f"{wall}; operators {operators:.1f}% of it (the rest: Python between them)")
+    lines.append(f"top {len(profile.top)} by self time:\n{'per step':>12}{'calls':>7}  {'category':<40}name")
+    for name, category, seconds, calls in profile.top:
+        shown = name if len(name) <= 80 else name[:77] + "..."
+        lines.append(f"{1000 * seconds:9.2f} ms{calls:7g}  {category:<40}{shown}")
+    return "\n".join(lines)
+
+
 def bench_synthetic(cfg: TrainConfig, device: torch.device, args: argparse.Namespace) -> list[Measured]:
     images, texts = synthetic_batch(cfg, device)
     # Each implementation is warmed up (and its memory measured) before the next one is built.
@@ -289,6 +421,8 @@ def bench_synthetic(cfg: TrainConfig, device: torch.device, args: argparse.Names
             result.seconds.append(timed(implementation, step_images, step_texts, device, args.chain))
     for implementation, (step_images, step_texts), result in zip(implementations, inputs, results):
         result.syncs_per_step = count_syncs(implementation, step_images, step_texts, device)
+    if args.profile:
+        results[0].profile = profile_step(ours, *inputs[0], args.chain, args.profile_trace)
     print(f"flash attention: {check_flash_attention(ours, images, texts)}")
     return results
 
@@ -381,9 +515,15 @@ def main(argv: list[str] | None = None) -> list[Measured]:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, optimizer state)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--profile", action="store_true", help="also print where our step's time goes (torch.profiler)")
+    parser.add_argument("--profile-trace", default="", metavar="PATH", help="with --profile: write the Chrome trace")
     args = parser.parse_args(argv)
     if args.shards and args.open_clip:
         parser.error("--open-clip compares on synthetic batches; run --shards without it")
+    if args.profile and args.shards:
+        parser.error("--profile profiles our step on a synthetic batch; run --shards without it")
+    if args.profile_trace and not args.profile:
+        parser.error("--profile-trace needs --profile")
     if args.warmup < 1 or args.steps < 1 or args.chain < 1:
         parser.error("--warmup, --steps and --chain must be >= 1")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -401,6 +541,8 @@ def main(argv: list[str] | None = None) -> list[Measured]:
         f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after"
     )
     print(format_results(cfg, device, results, args.chain))
+    if results[0].profile is not None:
+        print(format_profile(results[0].profile, args.chain))
     return results
 
 

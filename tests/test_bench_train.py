@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -43,3 +44,62 @@ def test_real_shards_report_the_data_wait_share(bench, tmp_path, capsys):
                             "--workers", "0"])  # fmt: skip
     assert 0.0 < result.data_wait < 1.0 and math.isfinite(result.first_loss)
     assert "real shards" in capsys.readouterr().out
+
+
+def test_profile_adds_up_the_step_by_category_and_writes_a_trace(bench, tmp_path, capsys):
+    trace = tmp_path / "trace.json"
+    (ours,) = bench.main([*COMMON, "--precision", "fp32", "--steps", "1", "--warmup", "1", "--chain", "2",
+                          "--profile", "--profile-trace", str(trace)])  # fmt: skip
+    profile = ours.profile
+    assert not profile.device and profile.busy is None  # CPU: operators' self time
+    assert list(profile.categories) == list(bench.PROFILE_CATEGORIES)
+    assert sum(profile.share(category) for category in profile.categories) == pytest.approx(1.0)
+    assert profile.categories["matrix products"] > 0 and profile.categories["attention"] > 0
+    assert profile.categories["optimizer (AdamW)"] > 0 and profile.categories["communication"] == 0
+    # Self times do not overlap: one profiled thread (--threads 1) cannot add up to more than the
+    # wall time of the same steps; and the operators are most of a step, not a sliver of it.
+    assert 0.25 * profile.wall < profile.total <= 1.05 * profile.wall
+    seconds = [row[2] for row in profile.top]
+    assert len(profile.top) == bench.PROFILE_TOP and seconds == sorted(seconds, reverse=True)
+    assert sum(seconds) <= profile.total
+    for category in profile.categories:  # the listed rows are part of their category's time
+        assert sum(row[2] for row in profile.top if row[1] == category) <= profile.categories[category] * (1 + 1e-9)
+    assert {"aten::mm", "aten::addmm"} & {row[0] for row in profile.top}  # the products are among the costliest
+    out = capsys.readouterr().out
+    assert "operators' CPU self time per step" in out and "matrix products" in out
+    assert json.loads(trace.read_text())["traceEvents"]  # a Chrome trace Perfetto opens
+
+
+@pytest.mark.parametrize("name, category", [
+    # CUDA kernel names as the H100 profile of a compiled ViT-B-16 step showed them
+    ("nvjet_tst_128x256_64x4_1x2_h_bz_coopB_NNT", "matrix products"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "matrix products"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x128", "attention"),
+    ("fmha_cutlassB_f32_aligned_64x64_k64_sm80", "attention"),
+    ("triton_poi_fused__scaled_dot_product_cudnn_attention_view_3", "fused elementwise (torch.compile)"),
+    ("triton_red_fused_native_layer_norm_7", "fused elementwise (torch.compile)"),
+    ("triton_tem_fused_addmm_gelu_1", "matrix products"),
+    ("void at::native::vectorized_elementwise_kernel<4, FillFunctor<float>>", "other elementwise, copies, reductions"),
+    ("Memcpy HtoD (Pageable -> Device)", "other elementwise, copies, reductions"),
+    ("void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor<float, 4>>", "optimizer (AdamW)"),
+    ("ncclDevKernel_AllGather_RING_LL(ncclDevKernelArgsStorage<4096ul>)", "communication"),
+    # CPU events
+    ("aten::linear", "matrix products"),
+    ("aten::convolution_backward", "matrix products"),
+    ("aten::_scaled_dot_product_flash_attention_for_cpu_backward", "attention"),
+    ("## Call CompiledFxGraph fgcuiunhb6tx5wm6fh7a54h7yrkwi5v7 ##", "fused elementwise (torch.compile)"),
+    ("aten::_fused_adamw_", "optimizer (AdamW)"),
+    ("Optimizer.step#AdamW.step", "optimizer (AdamW)"),
+    ("aten::linalg_vector_norm", "other elementwise, copies, reductions"),
+    ("gloo:all_gather", "communication"),
+    ("autograd::engine::evaluate_function: AddmmBackward0", "anything else"),
+    ("ScaledDotProductFlashAttentionForCpuBackward0", "anything else"),  # the autograd node, not the kernel
+])  # fmt: skip
+def test_profile_categories_by_name(bench, name, category):
+    assert bench.categorise(name) == category
+
+
+def test_profile_refuses_real_shards(bench, capsys):
+    with pytest.raises(SystemExit):
+        bench.main([*COMMON, "--profile", "--shards", "/nowhere/{0..1}.tar"])
+    assert "--profile profiles our step on a synthetic batch" in capsys.readouterr().err

@@ -3,7 +3,7 @@
 Run them on a GPU machine with `pytest tests/test_cuda.py`. The fp16 load and the flash-attention
 check were first run as scripts on an H100 (docs/benchmarks.md, docs/api.md); this file is their
 permanent form. Not yet run on a GPU: the sync count of 0 (it was 1 before the step's verdict moved
-onto the device) and the trainer run with a skipped step.
+onto the device), the trainer run with a skipped step and bench_train.py's --profile.
 """
 
 from __future__ import annotations
@@ -44,6 +44,19 @@ def test_training_step_never_waits_for_the_device_and_attention_is_flash_eligibl
     (ours,) = bench.main(["--model", "tiny-vit", "--batch", "16", "--steps", "2", "--warmup", "2", "--device", "cuda"])
     assert ours.syncs_per_step == 0
     assert "flash attention: usable by every attention call" in capsys.readouterr().out
+
+
+def test_profile_counts_the_kernels_of_the_step(bench, tmp_path):  # noqa: F811
+    """--profile on CUDA adds up kernel time (not the CPU ops that launched it, which carry it too),
+    and every kernel of the bf16 step falls into a named category."""
+    (ours,) = bench.main(["--model", "tiny-vit", "--batch", "16", "--steps", "1", "--warmup", "2", "--device", "cuda",
+                          "--profile", "--profile-trace", str(tmp_path / "trace.json")])  # fmt: skip
+    profile = ours.profile
+    assert profile.device and 0 < profile.busy <= profile.total * (1 + 1e-9)  # a union of intervals <= their sum
+    assert profile.busy <= 1.05 * profile.wall  # the kernels ran inside the synchronised window
+    for category in ("matrix products", "attention", "optimizer (AdamW)"):
+        assert profile.categories[category] > 0, category
+    assert profile.share("anything else") < 0.1, profile.top
 
 
 def test_the_trainer_skips_a_non_finite_step_on_cuda_without_waiting_for_it(tmp_path, monkeypatch):
