@@ -18,8 +18,12 @@ gather_with_grad=True)` (on one process the same math as ours); AdamW with its p
 and our hyperparameters; `--grad-clip-norm 1.0`; the logit_scale clamp. The first step's losses
 of the two are printed: equal (fp32) or close (autocast) when the comparison is apples to apples.
 
+**Text packing.** Our step packs its captions as the trainer does (`--text-packing-groups`, default
+the trainer's 8; 0 pads them as OpenCLIP does), so the caption lengths matter: `--caption-lengths`
+uniform (default) or web (alt-text-like; `synthetic_batch`). MFU counts the padded FLOPs for both.
+
 **Timing.** A synthetic batch (random images, token rows with the end-of-text token at random
-positions) on the device; each implementation runs `--warmup` steps (compilation, optimizer state),
+positions); each implementation runs `--warmup` steps (compilation, optimizer state),
 then timed runs alternate (ours, OpenCLIP, ours, ...) so both see the same machine load. A timed run
 is `--chain` consecutive steps from an idle device to an idle device, the host queueing each step
 while the device computes the previous one as in training (`--chain 1` times single steps, which
@@ -86,14 +90,25 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     )
 
 
-def synthetic_batch(cfg: TrainConfig, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images [B, 3, H, W] ~ N(0, 1) and token rows [B, L] ending at a random end-of-text position,
-    on the host (pinned for a CUDA device), as the loader yields them."""
+def synthetic_batch(
+    cfg: TrainConfig, device: torch.device, caption_lengths: str = "uniform", seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images [B, 3, H, W] ~ N(0, 1) and token rows [B, L] of random ids ending at an end-of-text
+    token, on the host (pinned for a CUDA device), as the loader yields them.
+
+    Caption lengths (end-of-text included) are uniform over [6, L] (mean 41 at L = 77), or, with
+    "web", lognormal with median 17 and sigma 0.69 clipped to [2, L]: the token lengths of
+    scripts/bench_tokenizer.py's synthetic web alt-texts (mean 21.4, 90th percentile 41).
+    """
     generator = torch.Generator().manual_seed(seed)
-    size, text = cfg.model.vision.image_size, cfg.model.text
-    images = torch.randn(cfg.global_batch_size, 3, size, size, generator=generator)
-    texts = torch.randint(1, text.eot_token_id, (cfg.global_batch_size, text.context_length), generator=generator)
-    ends = torch.randint(min(5, text.context_length - 1), text.context_length, (cfg.global_batch_size,), generator=generator)
+    size, text, batch = cfg.model.vision.image_size, cfg.model.text, cfg.global_batch_size
+    images = torch.randn(batch, 3, size, size, generator=generator)
+    texts = torch.randint(1, text.eot_token_id, (batch, text.context_length), generator=generator)
+    if caption_lengths == "web":
+        normal = torch.randn(batch, generator=generator)
+        ends = (math.log(17) + 0.69 * normal).exp().round().long().clamp(2, text.context_length) - 1
+    else:
+        ends = torch.randint(min(5, text.context_length - 1), text.context_length, (batch,), generator=generator)
     positions = torch.arange(text.context_length)
     texts[positions > ends[:, None]] = 0
     texts[positions == ends[:, None]] = text.eot_token_id
@@ -284,7 +299,7 @@ def check_flash_attention(ours: OurStep, images: torch.Tensor, texts: torch.Tens
 
 
 def bench_synthetic(cfg: TrainConfig, device: torch.device, args: argparse.Namespace) -> list[Measured]:
-    images, texts = synthetic_batch(cfg, device)
+    images, texts = synthetic_batch(cfg, device, args.caption_lengths)
     # Each implementation is warmed up (and its memory measured) before the next one is built.
     before = allocated(device)
     ours = OurStep(cfg, device)
@@ -396,6 +411,10 @@ def main(argv: list[str] | None = None) -> list[Measured]:
         help="ours: the trainer's text_packing_groups (0: every caption padded to the context length, as OpenCLIP)",
     )  # fmt: skip
     parser.add_argument("--open-clip", action="store_true", help="also OpenCLIP's step with its best flags")
+    parser.add_argument(
+        "--caption-lengths", choices=("uniform", "web"), default="uniform",
+        help="synthetic captions' lengths: uniform up to the context length, or web alt-text-like (synthetic_batch)",
+    )  # fmt: skip
     parser.add_argument("--shards", default="", help="measure our step on these WebDataset shards (brace pattern)")
     parser.add_argument("--workers", type=int, default=2, help="loader worker processes with --shards")
     parser.add_argument("--steps", type=int, default=7, help="timed runs per implementation (median)")
@@ -420,7 +439,7 @@ def main(argv: list[str] | None = None) -> list[Measured]:
         f"{args.model}, batch {args.batch}, {args.precision}, {'compiled' if args.compile else 'eager'}"
         f"{', activation checkpointing' if args.grad_checkpointing else ''}, "
         f"text packing {args.text_packing_groups or 'off'}, "
-        f"{'shards ' + args.shards if args.shards else 'synthetic batch'}; {describe_machine(device, torch.get_num_threads())}; "
+        f"{'shards ' + args.shards if args.shards else f'synthetic batch ({args.caption_lengths} caption lengths)'}; {describe_machine(device, torch.get_num_threads())}; "
         f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after"
     )
     print(format_results(cfg, device, results, args.chain))
