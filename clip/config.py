@@ -367,6 +367,10 @@ class TrainConfig:
     # torch.compile the model; unset (null): on CUDA devices only.
     compile: Optional[bool] = None
     grad_checkpointing: bool = False
+    # Skip the padding after each caption, which cannot change its feature (exact; see
+    # clip/models/text_packing.py): a batch's captions sorted by length into this many groups, each
+    # computed up to its longest caption. 0: every caption padded to context_length, as OpenAI does.
+    text_packing_groups: int = 8
     # LiT-style tuning (arXiv:2111.07991): freeze a tower's weights (and its BatchNorm statistics).
     lock_image: bool = False
     lock_text: bool = False
@@ -421,6 +425,7 @@ def validate_train_config(cfg: TrainConfig) -> None:
     check(cfg.device in ("auto", "cpu") or cfg.device.startswith("cuda"), f"device={cfg.device!r} must be auto, cpu or cuda[:N]")
     check(cfg.global_batch_size > 0, f"global_batch_size={cfg.global_batch_size} must be > 0")
     check(cfg.micro_batch_size >= 0, f"micro_batch_size={cfg.micro_batch_size} must be >= 0 (0: no accumulation)")
+    check(cfg.text_packing_groups >= 0, f"text_packing_groups={cfg.text_packing_groups} must be >= 0 (0: padded text)")
     check(
         (cfg.max_steps > 0) != (cfg.num_epochs > 0),
         f"set exactly one of max_steps={cfg.max_steps} and num_epochs={cfg.num_epochs} to a positive value",

@@ -28,7 +28,7 @@ BatchNorm.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, ContextManager, Iterator, Optional
+from typing import Callable, ContextManager, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -37,6 +37,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
 from clip.models import CLIP
+from clip.models.text_packing import PackedText, pack_text
 
 # (image_features [n, E], text_features [n, E], exp(logit_scale) [], logit_bias [] or None)
 ModelOutput = tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]
@@ -52,7 +53,7 @@ class ContrastiveModel(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, images: torch.Tensor, texts: torch.Tensor) -> ModelOutput:
+    def forward(self, images: torch.Tensor, texts: torch.Tensor | PackedText) -> ModelOutput:
         image_features = self.model.encode_image(images, normalize=True)
         text_features = self.model.encode_text(texts, normalize=True)
         return image_features, text_features, self.model.logit_scale.exp(), self.model.logit_bias
@@ -61,7 +62,7 @@ class ContrastiveModel(nn.Module):
 def forward_backward(
     model: nn.Module,
     images: torch.Tensor,
-    texts: torch.Tensor,
+    texts: torch.Tensor | Sequence[PackedText],
     loss_fn: Callable[..., torch.Tensor],
     num_microbatches: int = 1,
     autocast: Callable[[], ContextManager] = contextlib.nullcontext,
@@ -70,7 +71,8 @@ def forward_backward(
     """Add to `.grad` the gradients of the global-batch loss and return the rank's loss, detached.
 
     `model` is a `ContrastiveModel`, bare or wrapped in DDP or FSDP2; `images` [B, 3, H, W] and
-    `texts` [B, L] are this rank's batch, B divisible by `num_microbatches`; `loss_fn` is a
+    `texts` [B, L] (or one `PackedText` per micro-batch, `prepare_texts`) are this rank's batch, B
+    divisible by `num_microbatches`; `loss_fn` is a
     `ClipLoss` or `SigLipLoss`; `autocast` makes the model's forward context, e.g.
     `functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)`; `grad_scaler` (fp16) scales
     what is backpropagated, as `grad_scaler.scale(loss).backward()` would. The returned loss, averaged
@@ -81,14 +83,17 @@ def forward_backward(
         raise ValueError(
             f"num_microbatches={num_microbatches} must be >= 1 and divide the local batch size {images.shape[0]}"
         )
+    text_chunks = texts.chunk(num_microbatches) if isinstance(texts, torch.Tensor) else texts
+    if len(text_chunks) != num_microbatches:
+        raise ValueError(f"{len(text_chunks)} packed texts for {num_microbatches} micro-batches")
     if num_microbatches == 1:
         with autocast():
-            outputs = model(images, texts)
+            outputs = model(images, text_chunks[0])
         loss = loss_fn(*outputs)
         (loss if grad_scaler is None else grad_scaler.scale(loss)).backward()
         return loss.detach()
 
-    image_chunks, text_chunks = images.chunk(num_microbatches), texts.chunk(num_microbatches)
+    image_chunks = images.chunk(num_microbatches)
 
     # 1. Features of every micro-batch, without grad.
     rng_states, image_features, text_features = [], [], []
@@ -123,6 +128,21 @@ def forward_backward(
                 grads += parameter_grads
             torch.autograd.backward(tensors, [g.to(t.dtype) for t, g in zip(tensors, grads)])
     return loss.detach()
+
+
+def prepare_texts(
+    texts: torch.Tensor, eot_token_id: int, num_groups: int, num_microbatches: int, device: torch.device
+) -> torch.Tensor | list[PackedText]:
+    """The host's token rows `texts` [B, L] on `device`, for `forward_backward`: as they are when
+    `num_groups` is 0, else each micro-batch packed into `num_groups` groups (exact, and cheaper:
+    clip/models/text_packing.py). Packing reads the host's copy, so the host never waits for the device.
+    """
+    if num_groups == 0:
+        return texts.to(device, non_blocking=True)
+    packed = [pack_text(chunk, eot_token_id, num_groups) for chunk in texts.chunk(num_microbatches)]
+    if device.type == "cuda":  # only a copy from pinned memory leaves the host free at once
+        packed = [p.pin_memory() for p in packed]
+    return [p.to(device, non_blocking=True) for p in packed]
 
 
 @contextlib.contextmanager

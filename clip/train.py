@@ -88,8 +88,9 @@ from clip.logger import MetricsLogger, setup_console_logging
 from clip.loss import build_loss
 from clip.models import CLIP
 from clip.models.convert import read_checkpoint, read_checkpoint_config
+from clip.models.text_packing import PackedText
 from clip.models.weights import check_model_config, export_state_dict, load_weights
-from clip.objective import ContrastiveModel, forward_backward
+from clip.objective import ContrastiveModel, forward_backward, prepare_texts
 from clip.precision import build_grad_scaler, get_autocast
 from clip.tokenizer import Tokenizer, get_tokenizer
 from clip.transforms import image_transform_eval, image_transform_train
@@ -270,7 +271,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             if fault_here and step == cfg.fault.sleep_at_step:
                 time.sleep(cfg.fault.sleep_s)
             images = batch.images.to(device, non_blocking=True, memory_format=image_format)
-            texts = batch.texts.to(device, non_blocking=True)
+            texts = prepare_texts(batch.texts, model.eot_token_id, cfg.text_packing_groups, num_microbatches, device)
+            interval.count_text(texts, batch.texts)
             skipped.update(batch.skipped)
             try:
                 if fault_here and step == cfg.fault.raise_at_step:
@@ -370,7 +372,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 def train_step(
     wrapped: nn.Module,
     images: torch.Tensor,
-    texts: torch.Tensor,
+    texts: torch.Tensor | list[PackedText],
     loss_fn: Any,
     *,
     num_microbatches: int,
@@ -666,7 +668,7 @@ def _fmt_losses(losses: tuple[float, ...]) -> str:
 # Keys whose change on resume does not change what the run computes (RELIABILITY.md G17).
 _BENIGN_CHANGES = (
     "output_dir", "log", "eval", "checkpoint", "fault", "nan", "dist", "compile", "grad_checkpointing",
-    "deterministic", "num_threads", "device", "micro_batch_size",
+    "text_packing_groups", "deterministic", "num_threads", "device", "micro_batch_size",
 )
 
 
@@ -816,12 +818,19 @@ def _oom_guidance(cfg: TrainConfig, rank: int, step: int, per_device_batch: int,
 
 
 class _Interval:
-    """Wall time, steps and data-wait time since the last log line."""
+    """Wall time, steps, data-wait time and text positions computed since the last log line."""
 
     def __init__(self):
         self.start = time.perf_counter()
         self.num_steps = 0
         self.data_seconds = 0.0
+        self.text_positions = 0  # what the text tower computed (fewer than padded when packed)
+        self.padded_text_positions = 0
+
+    def count_text(self, texts: torch.Tensor | list[PackedText], padded: torch.Tensor) -> None:
+        """Shapes only: nothing is read from the device."""
+        self.text_positions += texts.numel() if isinstance(texts, torch.Tensor) else sum(p.num_tokens for p in texts)
+        self.padded_text_positions += padded.numel()
 
     @property
     def seconds(self) -> float:
@@ -837,6 +846,7 @@ def _train_metrics(report: StepReport, lr, model, interval, cfg, counters, scale
         "train/grad_norm": report.grad_norm,
         "train/samples_per_s": interval.num_steps * cfg.global_batch_size / interval.seconds,
         "train/data_wait": interval.data_seconds / interval.seconds,
+        "train/text_positions_computed": interval.text_positions / max(interval.padded_text_positions, 1),
         "train/samples_seen": counters.samples_seen,
         "train/nonfinite_steps": counters.nonfinite_steps,
     }

@@ -18,8 +18,12 @@ gather_with_grad=True)` (on one process the same math as ours); AdamW with its p
 and our hyperparameters; `--grad-clip-norm 1.0`; the logit_scale clamp. The first step's losses
 of the two are printed: equal (fp32) or close (autocast) when the comparison is apples to apples.
 
+**Text packing.** Our step packs its captions as the trainer does (`--text-packing-groups`, default
+the trainer's 8; 0 pads them as OpenCLIP does), so the caption lengths matter: `--caption-lengths`
+uniform (default) or web (alt-text-like; `synthetic_batch`). MFU counts the padded FLOPs for both.
+
 **Timing.** A synthetic batch (random images, token rows with the end-of-text token at random
-positions) on the device; each implementation runs `--warmup` steps (compilation, optimizer state),
+positions); each implementation runs `--warmup` steps (compilation, optimizer state),
 then timed runs alternate (ours, OpenCLIP, ours, ...) so both see the same machine load. A timed run
 is `--chain` consecutive steps from an idle device to an idle device, the host queueing each step
 while the device computes the previous one as in training (`--chain 1` times single steps, which
@@ -74,6 +78,8 @@ from clip.distributed import StepOutcome
 from clip.flops import get_mfu, get_peak_flops, training_flops_per_sample
 from clip.loss import build_loss
 from clip.models import CLIP, get_model_config
+from clip.models.text_packing import pack_text
+from clip.objective import prepare_texts
 from clip.precision import build_grad_scaler, get_autocast
 from clip.train import apply_update, build_optimizer, build_train_module, to_model_config, train_step
 
@@ -91,23 +97,38 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         precision=args.precision,
         compile=args.compile,
         grad_checkpointing=args.grad_checkpointing,
+        text_packing_groups=args.text_packing_groups,
         model=TrainModelConfig(name=args.model, **fields),
         optim=OptimConfig(),
         loss=LossConfig(),
     )
 
 
-def synthetic_batch(cfg: TrainConfig, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images [B, 3, H, W] ~ N(0, 1) and token rows [B, L] ending at a random end-of-text position."""
+def synthetic_batch(
+    cfg: TrainConfig, device: torch.device, caption_lengths: str = "uniform", seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images [B, 3, H, W] ~ N(0, 1) and token rows [B, L] of random ids ending at an end-of-text
+    token, on the host (pinned for a CUDA device), as the loader yields them.
+
+    Caption lengths (end-of-text included) are uniform over [6, L] (mean 41 at L = 77), or, with
+    "web", lognormal with median 17 and sigma 0.69 clipped to [2, L]: the token lengths of
+    scripts/bench_tokenizer.py's synthetic web alt-texts (mean 21.4, 90th percentile 41).
+    """
     generator = torch.Generator().manual_seed(seed)
-    size, text = cfg.model.vision.image_size, cfg.model.text
-    images = torch.randn(cfg.global_batch_size, 3, size, size, generator=generator)
-    texts = torch.randint(1, text.eot_token_id, (cfg.global_batch_size, text.context_length), generator=generator)
-    ends = torch.randint(min(5, text.context_length - 1), text.context_length, (cfg.global_batch_size,), generator=generator)
+    size, text, batch = cfg.model.vision.image_size, cfg.model.text, cfg.global_batch_size
+    images = torch.randn(batch, 3, size, size, generator=generator)
+    texts = torch.randint(1, text.eot_token_id, (batch, text.context_length), generator=generator)
+    if caption_lengths == "web":
+        normal = torch.randn(batch, generator=generator)
+        ends = (math.log(17) + 0.69 * normal).exp().round().long().clamp(2, text.context_length) - 1
+    else:
+        ends = torch.randint(min(5, text.context_length - 1), text.context_length, (batch,), generator=generator)
     positions = torch.arange(text.context_length)
     texts[positions > ends[:, None]] = 0
     texts[positions == ends[:, None]] = text.eot_token_id
-    return images.to(device), texts.to(device)
+    if device.type == "cuda":
+        images, texts = images.pin_memory(), texts.pin_memory()
+    return images, texts
 
 
 class OurStep:
@@ -127,12 +148,16 @@ class OurStep:
         self.loss_fn = build_loss(cfg.loss)
         self.unread: Optional[StepOutcome] = None  # the previous step, read during this one
 
-    def prepare(self, images: torch.Tensor) -> torch.Tensor:
-        return images.contiguous(memory_format=self.image_format)
+    def prepare(self, images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Device images in the step's memory format; the token ids stay on the host (see __call__)."""
+        return images.to(self.device, memory_format=self.image_format), texts
 
     def __call__(
         self, images: torch.Tensor, texts: torch.Tensor, while_running: Callable[[], None] = lambda: None
     ) -> torch.Tensor:
+        """One step on device `images` and host `texts`: as in the trainer, the token ids are packed
+        on the host (`text_packing_groups`), then copied to the device."""
+        texts = prepare_texts(texts, self.model.eot_token_id, self.cfg.text_packing_groups, 1, self.device)
         loss, grad_norm = train_step(
             self.module, images, texts, self.loss_fn, num_microbatches=1, autocast=self.autocast, scaler=self.scaler,
             optimizer=self.optimizer, grad_clip_norm=self.cfg.optim.grad_clip_norm,
@@ -160,6 +185,7 @@ class OpenClipStep:
 
         self.model = build_openclip(to_model_config(cfg.model))
         self.model.load_state_dict(initial_state)  # our initial weights: the same network, value for value
+        self.device = device
         self.model.to(device).train()
         if cfg.grad_checkpointing:
             self.model.set_grad_checkpointing()
@@ -180,8 +206,8 @@ class OpenClipStep:
         self.scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
         self.grad_clip_norm = o.grad_clip_norm
 
-    def prepare(self, images: torch.Tensor) -> torch.Tensor:
-        return images
+    def prepare(self, images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return images.to(self.device), texts.to(self.device)
 
     def __call__(self, images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
         # open_clip_train/train.py, train_one_epoch with accum_freq=1.
@@ -280,8 +306,8 @@ def check_flash_attention(ours: OurStep, images: torch.Tensor, texts: torch.Tens
         return "not checked (flash attention needs CUDA and bf16/fp16)"
     try:
         with torch.no_grad(), sdpa_kernel([SDPBackend.FLASH_ATTENTION]), ours.autocast():
-            ours.model.encode_image(images[:2].contiguous(memory_format=ours.image_format))
-            ours.model.encode_text(texts[:2])
+            ours.model.encode_image(images[:2].to(ours.device, memory_format=ours.image_format))
+            ours.model.encode_text(texts[:2].to(ours.device))
     except RuntimeError as error:
         return f"NOT usable: {str(error).splitlines()[0]}"
     return "usable by every attention call"
@@ -405,17 +431,17 @@ def format_profile(profile: StepProfile, chain: int) -> str:
 
 
 def bench_synthetic(cfg: TrainConfig, device: torch.device, args: argparse.Namespace) -> list[Measured]:
-    images, texts = synthetic_batch(cfg, device)
+    images, texts = synthetic_batch(cfg, device, args.caption_lengths)
     # Each implementation is warmed up (and its memory measured) before the next one is built.
     before = allocated(device)
     ours = OurStep(cfg, device)
-    implementations, results = [ours], [warm_up(ours, ours.prepare(images), texts, device, args.warmup, before)]
+    implementations, results = [ours], [warm_up(ours, *ours.prepare(images, texts), device, args.warmup, before)]
     if args.open_clip:
         before = allocated(device)
         theirs = OpenClipStep(cfg, device, ours.initial_state)
         implementations.append(theirs)
-        results.append(warm_up(theirs, theirs.prepare(images), texts, device, args.warmup, before))
-    inputs = [(implementation.prepare(images), texts) for implementation in implementations]
+        results.append(warm_up(theirs, *theirs.prepare(images, texts), device, args.warmup, before))
+    inputs = [implementation.prepare(images, texts) for implementation in implementations]
     for _ in range(args.steps):  # interleaved: every round runs each implementation once
         for implementation, (step_images, step_texts), result in zip(implementations, inputs, results):
             result.seconds.append(timed(implementation, step_images, step_texts, device, args.chain))
@@ -424,6 +450,13 @@ def bench_synthetic(cfg: TrainConfig, device: torch.device, args: argparse.Names
     if args.profile:
         results[0].profile = profile_step(ours, *inputs[0], args.chain, args.profile_trace)
     print(f"flash attention: {check_flash_attention(ours, images, texts)}")
+    if cfg.text_packing_groups:
+        packing = pack_text(texts, ours.model.eot_token_id, cfg.text_packing_groups)
+        padded = texts.numel()
+        print(
+            f"text packing: our text tower computes {packing.num_tokens} of the {padded} padded positions "
+            f"({100 * packing.num_tokens / padded:.0f}%); MFU counts all {padded}, as OpenCLIP computes them"
+        )
     return results
 
 
@@ -454,7 +487,7 @@ def bench_shards(cfg: TrainConfig, device: torch.device, args: argparse.Namespac
 
     def step() -> torch.Tensor:
         images = batch.images.to(device, non_blocking=True, memory_format=ours.image_format)
-        return ours(images, batch.texts.to(device, non_blocking=True), while_running=fetch_next)
+        return ours(images, batch.texts, while_running=fetch_next)
 
     for _ in range(args.warmup):
         result.warmup_losses.append(float(step()))
@@ -507,7 +540,15 @@ def main(argv: list[str] | None = None) -> list[Measured]:
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="bf16")
     parser.add_argument("--compile", action="store_true", help="torch.compile (ours: the trainer's; OpenCLIP: --torchcompile)")
     parser.add_argument("--grad-checkpointing", action="store_true")
+    parser.add_argument(
+        "--text-packing-groups", type=int, default=TrainConfig.text_packing_groups,
+        help="ours: the trainer's text_packing_groups (0: every caption padded to the context length, as OpenCLIP)",
+    )  # fmt: skip
     parser.add_argument("--open-clip", action="store_true", help="also OpenCLIP's step with its best flags")
+    parser.add_argument(
+        "--caption-lengths", choices=("uniform", "web"), default="uniform",
+        help="synthetic captions' lengths: uniform up to the context length, or web alt-text-like (synthetic_batch)",
+    )  # fmt: skip
     parser.add_argument("--shards", default="", help="measure our step on these WebDataset shards (brace pattern)")
     parser.add_argument("--workers", type=int, default=2, help="loader worker processes with --shards")
     parser.add_argument("--steps", type=int, default=7, help="timed runs per implementation (median)")
@@ -537,7 +578,8 @@ def main(argv: list[str] | None = None) -> list[Measured]:
     print(
         f"{args.model}, batch {args.batch}, {args.precision}, {'compiled' if args.compile else 'eager'}"
         f"{', activation checkpointing' if args.grad_checkpointing else ''}, "
-        f"{'shards ' + args.shards if args.shards else 'synthetic batch'}; {describe_machine(device, torch.get_num_threads())}; "
+        f"text packing {args.text_packing_groups or 'off'}, "
+        f"{'shards ' + args.shards if args.shards else f'synthetic batch ({args.caption_lengths} caption lengths)'}; {describe_machine(device, torch.get_num_threads())}; "
         f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after"
     )
     print(format_results(cfg, device, results, args.chain))

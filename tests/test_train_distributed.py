@@ -26,6 +26,10 @@ from tests.train_fixtures import (
 )
 
 TIMEOUT_S = 120
+# Captions of 2 to 32 tokens, so that text packing (on by default) really cuts: the ranks' smaller
+# micro-batches are grouped differently from the 1-process run's, and the results must still agree.
+CAPTIONS = dict(context_length=32, varied_captions=True)
+CONTEXT = f"model.text.context_length={CAPTIONS['context_length']}"
 
 
 def _free_port() -> int:
@@ -38,7 +42,7 @@ def _worker(rank: int, world_size: int, port: int, overrides: list[str]) -> None
     faulthandler.dump_traceback_later(TIMEOUT_S, exit=True)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
-    use_memory_data(pytest.MonkeyPatch())  # a fresh process: nothing to undo
+    use_memory_data(pytest.MonkeyPatch(), **CAPTIONS)  # a fresh process: nothing to undo
     train_module.train(tiny_train_config(*overrides))
 
 
@@ -60,10 +64,10 @@ def run_processes(world_size: int, overrides: list[str]) -> None:
 )
 def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, parallel, micro_batch_size):
     overrides = ["max_steps=4", "checkpoint.every_steps=0", f"micro_batch_size={micro_batch_size}",
-                 "optim.grad_clip_norm=0.5", f"dist.parallel={parallel}"]
+                 "optim.grad_clip_norm=0.5", f"dist.parallel={parallel}", CONTEXT]
     one, two = tmp_path / "one", tmp_path / "two"
     with pytest.MonkeyPatch.context() as patch:
-        use_memory_data(patch)
+        use_memory_data(patch, **CAPTIONS)
         train_module.train(tiny_train_config(one, *overrides, "micro_batch_size=0"))
     run_processes(2, [str(two), *overrides])
     reference = load_model_state(one / "checkpoints" / "step-4")
@@ -78,11 +82,13 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, pa
     norms = [[e["train/grad_norm"] for e in read_metrics(run) if "train/grad_norm" in e] for run in (one, two)]
     assert len(norms[0]) == 4
     torch.testing.assert_close(torch.tensor(norms[1]), torch.tensor(norms[0]), rtol=1e-4, atol=0)
+    computed = [e["train/text_positions_computed"] for run in (one, two) for e in read_metrics(run) if "train/loss" in e]
+    assert all(fraction < 0.9 for fraction in computed), computed  # packing did cut
 
 
 @pytest.mark.slow
 def test_fsdp_resumes_exactly_from_its_full_state_dict_checkpoint(tmp_path):
-    overrides = ["max_steps=4", "checkpoint.every_steps=0", "dist.parallel=fsdp"]
+    overrides = ["max_steps=4", "checkpoint.every_steps=0", "dist.parallel=fsdp", CONTEXT]
     run_processes(2, [str(tmp_path / "straight"), *overrides])
     run_processes(2, [str(tmp_path / "resumed"), *overrides, "fault.signal_at_step=2"])
     run_processes(2, [str(tmp_path / "resumed"), *overrides])

@@ -218,6 +218,9 @@ def test_the_host_reads_a_step_only_while_the_device_runs_the_next(tmp_path, mon
     assert steps["started"] == 6
     # Step k is read after step k+1 was queued; the last step (logged and saved) at once.
     assert reported_while == [2, 3, 4, 5, 6, 6]
-    # In steps 2-4: the gathered host flags of the next step, and the previous step's numbers.
+    # In steps 2-4: the gathered host flags of the next step, the previous step's numbers, and the
+    # caption lengths of the loader's batch (host memory, before its copy to the device) for packing.
+    packing_reads = 3 * (4 if "micro_batch_size=4" in setting else 1)  # per micro-batch (16 / 4)
     assert reads == {("distributed.py", "exchange_host_flags", "tolist"): 3,
-                     ("distributed.py", "report", "tolist"): 3}  # fmt: skip
+                     ("distributed.py", "report", "tolist"): 3,
+                     ("text_packing.py", "pack_text", "tolist"): packing_reads}  # fmt: skip

@@ -65,6 +65,7 @@ class MemoryLoader:
         eot_token_id: int = 49407,
         num_classes: int = 8,
         seed: int = 0,
+        varied_captions: bool = False,
     ):
         generator = torch.Generator().manual_seed(1234)
         patterns = torch.randn(num_classes, 3, image_size, image_size, generator=generator)
@@ -73,6 +74,13 @@ class MemoryLoader:
         self.texts = torch.zeros(num_samples, context_length, dtype=torch.long)
         self.texts[:, 0] = self.labels + 1
         self.texts[:, 1] = eot_token_id
+        if varied_captions:  # the class token, then 0 to context_length - 2 random words, then end-of-text
+            lengths = torch.randint(2, context_length + 1, (num_samples,), generator=generator)
+            words = torch.randint(num_classes + 1, 1000, (num_samples, context_length), generator=generator)
+            positions = torch.arange(context_length)
+            self.texts = torch.where(positions < lengths[:, None] - 1, words, 0)
+            self.texts[:, 0] = self.labels + 1
+            self.texts[torch.arange(num_samples), lengths - 1] = eot_token_id
         self.global_batch_size = global_batch_size
         self.local_batch_size = global_batch_size // world_size
         self.rank = rank
@@ -98,14 +106,17 @@ class MemoryLoader:
         self.epoch, self.next_batch = state["epoch"], state["next_batch"]
 
 
-def use_memory_data(patch: pytest.MonkeyPatch, num_samples: int = 256) -> None:
+def use_memory_data(
+    patch: pytest.MonkeyPatch, num_samples: int = 256, context_length: int = TINY_CONTEXT_LENGTH,
+    varied_captions: bool = False,
+) -> None:
     """Make clip.train read MemoryLoader batches instead of shards (undone when `patch` is)."""
     import clip.train
 
     def build_train_loader(data_cfg, *, batch_size, image_transform, tokenize, rank, world_size, seed):
         return MemoryLoader(
             num_samples=num_samples, global_batch_size=batch_size * world_size, rank=rank, world_size=world_size,
-            image_size=TINY_IMAGE_SIZE, context_length=TINY_CONTEXT_LENGTH, seed=seed,
+            image_size=TINY_IMAGE_SIZE, context_length=context_length, seed=seed, varied_captions=varied_captions,
         )
 
     patch.setattr(clip.train, "build_train_loader", build_train_loader)

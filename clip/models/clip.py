@@ -8,12 +8,15 @@ renaming and our state dicts load in their code.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from clip.config import ModelConfig, validate_model_config
 from clip.models.layers import LayerNorm, Transformer, get_activation
+from clip.models.text_packing import PackedText, get_text_lengths
 from clip.models.vision import build_vision_tower
 
 
@@ -70,20 +73,43 @@ class CLIP(nn.Module):
         features = self.visual(image.to(self.dtype))  # [B, E]
         return F.normalize(features, dim=-1) if normalize else features
 
-    def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        """Token ids [B, L] (L <= context_length, each row holding an end-of-text token) -> [B, E]."""
-        batch, length = text.shape
+    def encode_text(self, text: torch.Tensor | PackedText, normalize: bool = False) -> torch.Tensor:
+        """Token ids [B, L] (L <= context_length, each row holding an end-of-text token) -> [B, E].
+
+        Or the same rows packed by `clip.models.text_packing.pack_text`, which skips the positions
+        after each caption's end-of-text token: they cannot change its feature.
+        """
+        if isinstance(text, PackedText):
+            x = self._pool_packed(text)
+        else:
+            x = self.transformer(self._embed(text), is_causal=True)  # [B, L, D]
+            # Causal attention makes the end-of-text position a summary of the whole caption. Pooling
+            # before ln_final is equivalent to OpenAI's order (LayerNorm acts per position) and cheaper.
+            end = get_text_lengths(text, self.eot_token_id) - 1  # [B]
+            x = x[torch.arange(x.shape[0], device=x.device), end]  # [B, D]
+        features = self.ln_final(x) @ self.text_projection  # [B, E]
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def _embed(self, text: torch.Tensor) -> torch.Tensor:
+        """Token and position embeddings of token rows [n, L] -> [n, L, D]."""
+        length = text.shape[1]
         if length > self.context_length:
             raise ValueError(f"text has {length} tokens, more than the model's context_length={self.context_length}")
-        x = self.token_embedding(text).to(self.dtype)  # [B, L, D]
-        x = x + self.positional_embedding[:length].to(x.dtype)
-        x = self.transformer(x, is_causal=True)
-        # Causal attention makes the end-of-text position a summary of the whole caption. Pooling
-        # before ln_final is equivalent to OpenAI's order (LayerNorm acts per position) and cheaper.
-        eot_position = (text == self.eot_token_id).int().argmax(dim=-1)  # [B], first end-of-text
-        x = self.ln_final(x[torch.arange(batch, device=x.device), eot_position])  # [B, D]
-        features = x @ self.text_projection  # [B, E]
-        return F.normalize(features, dim=-1) if normalize else features
+        x = self.token_embedding(text).to(self.dtype)
+        return x + self.positional_embedding[:length].to(x.dtype)
+
+    def _pool_packed(self, packed: PackedText) -> torch.Tensor:
+        """The end-of-text positions' outputs [B, D] of packed token rows, in the batch's order."""
+        shapes = tuple((group.shape[0], group.shape[1]) for group in packed.groups)  # (n, L) per group
+        x = torch.cat([self._embed(group).flatten(0, 1) for group in packed.groups])  # [T, D]
+        x = self.transformer(x, is_causal=True, packed_groups=shapes)
+        # A caption's end-of-text output is at: its group's start + its row x L + its length - 1.
+        starts = itertools.accumulate((n * length for n, length in shapes), initial=0)
+        ends = torch.cat([
+            start + length * torch.arange(n, device=x.device) + get_text_lengths(group, self.eot_token_id) - 1
+            for start, group, (n, length) in zip(starts, packed.groups, shapes)
+        ])  # [B], packed order
+        return x[ends][torch.argsort(packed.order)]  # [B, D]
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """OpenAI's contract: (logits_per_image [N_img, N_txt], logits_per_text [N_txt, N_img])."""

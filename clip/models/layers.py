@@ -13,6 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+# Sequences packed back to back without padding: (number of sequences, tokens each) per group.
+PackedGroups = tuple[tuple[int, int], ...]
+
 
 class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in at least float32 whatever the input and weight dtypes, returned in the input dtype.
@@ -58,12 +61,27 @@ class Attention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, x: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
-        batch, length, width = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # [B, L, 3D]
+    def forward(
+        self, x: torch.Tensor, is_causal: bool = False, packed_groups: PackedGroups | None = None
+    ) -> torch.Tensor:
+        """x [B, L, D] -> [B, L, D]; or, with `packed_groups` ((n, L) per group), x [T, D] holding
+        groups of n sequences of L tokens back to back (T = sum of n * L) -> [T, D]."""
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # [B, L, 3D] or [T, 3D]
+        if packed_groups is None:
+            return self.out_proj(self._attend(qkv, is_causal))
+        sizes = [n * length for n, length in packed_groups]
+        out = [
+            self._attend(group.view(n, length, -1), is_causal).view(n * length, -1)
+            for group, (n, length) in zip(qkv.split(sizes), packed_groups)
+        ]
+        return self.out_proj(torch.cat(out))  # [T, D]
+
+    def _attend(self, qkv: torch.Tensor, is_causal: bool) -> torch.Tensor:
+        """qkv [B, L, 3D] (q, k, v stacked along the last dimension) -> attention output [B, L, D]."""
+        batch, length, width = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
         q, k, v = qkv.view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)  # [B, H, L, Dh]
         out = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)  # [B, H, L, Dh]
-        return self.out_proj(out.transpose(1, 2).reshape(batch, length, width))
+        return out.transpose(1, 2).reshape(batch, length, width)
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -80,8 +98,10 @@ class ResidualAttentionBlock(nn.Module):
             )
         )
 
-    def forward(self, x: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), is_causal=is_causal)
+    def forward(
+        self, x: torch.Tensor, is_causal: bool = False, packed_groups: PackedGroups | None = None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), is_causal=is_causal, packed_groups=packed_groups)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -99,10 +119,13 @@ class Transformer(nn.Module):
         # CLIP.set_grad_checkpointing): memory O(layers) block inputs instead of all intermediates.
         self.grad_checkpointing = False
 
-    def forward(self, x: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, is_causal: bool = False, packed_groups: PackedGroups | None = None
+    ) -> torch.Tensor:
+        """x [B, L, D], or [T, D] packed sequences (see `Attention.forward`)."""
         for block in self.resblocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, is_causal, use_reentrant=False)
+                x = checkpoint(block, x, is_causal, packed_groups, use_reentrant=False)
             else:
-                x = block(x, is_causal=is_causal)
+                x = block(x, is_causal=is_causal, packed_groups=packed_groups)
         return x
