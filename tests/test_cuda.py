@@ -3,7 +3,7 @@
 Run them on a GPU machine with `pytest tests/test_cuda.py`. The fp16 load and the flash-attention
 check were first run as scripts on an H100 (docs/benchmarks.md, docs/api.md); this file is their
 permanent form. Not yet run on a GPU: the sync count of 0 (it was 1 before the step's verdict moved
-onto the device), the trainer run with a skipped step and bench_train.py's --profile.
+onto the device), the trainer run with a skipped step, bench_train.py's --profile and text packing.
 """
 
 from __future__ import annotations
@@ -70,3 +70,25 @@ def test_the_trainer_skips_a_non_finite_step_on_cuda_without_waiting_for_it(tmp_
                                      "log.every_steps=6"))  # fmt: skip
     assert result.step == 6
     assert read_metrics(tmp_path)[-1]["train/nonfinite_steps"] == 1
+
+
+def test_text_packing_on_cuda_matches_padding_under_bf16_and_compiles_once():
+    """Packed captions give the padded tower's features on the GPU's kernels (flash attention per
+    group, bf16), and inductor compiles one graph for batches of different lengths."""
+    from torch._dynamo.utils import counters
+
+    from clip.models.text_packing import pack_text
+    from tests.test_text_packing import EOT, _texts
+
+    torch.manual_seed(0)
+    model = clip.create_model("ViT-B-32").cuda().eval()
+    torch._dynamo.reset()
+    counters.clear()
+    encode = torch.compile(model.encode_text)
+    for seed in range(3):
+        texts = _texts([(7 * i + 5 * seed) % 77 + 1 for i in range(64)], seed=seed)
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            padded = model.encode_text(texts.cuda(), normalize=True)
+            packed = encode(pack_text(texts, EOT, 8).pin_memory().to("cuda", non_blocking=True), normalize=True)
+        assert torch.nn.functional.cosine_similarity(packed.float(), padded.float(), dim=-1).min().item() > 0.999
+    assert counters["stats"]["unique_graphs"] == 1
