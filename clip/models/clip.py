@@ -92,16 +92,25 @@ class CLIP(nn.Module):
 
     def _embed(self, text: torch.Tensor) -> torch.Tensor:
         """Token and position embeddings of token rows [n, L] -> [n, L, D]."""
-        length = text.shape[1]
+        self._check_length(text.shape[1])
+        x = self.token_embedding(text).to(self.dtype)
+        return x + self.positional_embedding[: text.shape[1]].to(x.dtype)
+
+    def _check_length(self, length: int) -> None:
         if length > self.context_length:
             raise ValueError(f"text has {length} tokens, more than the model's context_length={self.context_length}")
-        x = self.token_embedding(text).to(self.dtype)
-        return x + self.positional_embedding[:length].to(x.dtype)
 
     def _pool_packed(self, packed: PackedText) -> torch.Tensor:
         """The end-of-text positions' outputs [B, D] of packed token rows, in the batch's order."""
         shapes = tuple((group.shape[0], group.shape[1]) for group in packed.groups)  # (n, L) per group
-        x = torch.cat([self._embed(group).flatten(0, 1) for group in packed.groups])  # [T, D]
+        for _, length in shapes:
+            self._check_length(length)
+        # One embedding lookup for all groups: each lookup's backward zero-fills a whole [vocab, D]
+        # gradient, so one per group would cost as much as the text tower on small models.
+        tokens = torch.cat([group.flatten() for group in packed.groups])  # [T]
+        positions = torch.cat([torch.arange(length, device=tokens.device).repeat(n) for n, length in shapes])  # [T]
+        x = self.token_embedding(tokens).to(self.dtype)  # [T, D]
+        x = x + self.positional_embedding[positions].to(x.dtype)
         x = self.transformer(x, is_causal=True, packed_groups=shapes)
         # A caption's end-of-text output is at: its group's start + its row x L + its length - 1.
         starts = itertools.accumulate((n * length for n, length in shapes), initial=0)
