@@ -107,10 +107,10 @@ class CLIP(nn.Module):
             self._check_length(length)
         # One embedding lookup for all groups: each lookup's backward zero-fills a whole [vocab, D]
         # gradient, so one per group would cost as much as the text tower on small models.
-        tokens = torch.cat([group.flatten() for group in packed.groups])  # [T]
-        positions = torch.cat([torch.arange(length, device=tokens.device).repeat(n) for n, length in shapes])  # [T]
-        x = self.token_embedding(tokens).to(self.dtype)  # [T, D]
-        x = x + self.positional_embedding[positions].to(x.dtype)
+        x = self.token_embedding(torch.cat([group.flatten() for group in packed.groups])).to(self.dtype)  # [T, D]
+        # Repeated rather than gathered: repeat's backward is a plain sum, the same on every run (a
+        # gather's backward accumulates with atomics on GPUs).
+        x = x + torch.cat([self.positional_embedding[:length].repeat(n, 1) for n, length in shapes]).to(x.dtype)
         x = self.transformer(x, is_causal=True, packed_groups=shapes)
         # A caption's end-of-text output is at: its group's start + its row x L + its length - 1.
         starts = itertools.accumulate((n * length for n, length in shapes), initial=0)
