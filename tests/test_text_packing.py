@@ -163,3 +163,24 @@ def test_negative_groups_is_a_config_error(tmp_path):
 
     with pytest.raises(ConfigError, match="text_packing_groups=-1"):
         validate_train_config(tiny_train_config(tmp_path, "text_packing_groups=-1"))
+
+
+def _saved_bytes(model: CLIP, text) -> int:
+    """Bytes that the text tower's forward keeps for backward (distinct storages, weights included)."""
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model.encode_text(text)
+    return sum(storages.values())
+
+
+def test_packing_keeps_no_more_for_backward_than_padding_even_when_every_caption_is_full():
+    # The worst case for packing: every caption fills its row, so packing cuts nothing.
+    model = _tiny_model(torch.float32)
+    texts = _texts([77] * 16)
+    assert _saved_bytes(model, pack_text(texts, EOT, 4)) <= _saved_bytes(model, texts)
