@@ -184,3 +184,29 @@ def test_packing_keeps_no_more_for_backward_than_padding_even_when_every_caption
     model = _tiny_model(torch.float32)
     texts = _texts([77] * 16)
     assert _saved_bytes(model, pack_text(texts, EOT, 4)) <= _saved_bytes(model, texts)
+
+
+def test_forward_backward_takes_one_packed_text_and_names_mismatched_rows():
+    model = ContrastiveModel(_tiny_model(torch.float32))
+    images = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    texts = _texts(LENGTHS[:12])
+
+    def gradients(packed, num_microbatches):
+        model.zero_grad(set_to_none=True)
+        forward_backward(model, images, packed, ClipLoss(), num_microbatches)
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    # A bare PackedText is the one micro-batch (as ContrastiveModel takes it), not a TypeError.
+    padded, single = gradients(texts, 1), gradients(pack_text(texts, EOT, 4), 1)
+    for name in padded:
+        torch.testing.assert_close(single[name], padded[name], rtol=1e-5, atol=1e-6, msg=name)
+    # Packed micro-batches that do not match the images' split: said at once, before any forward.
+    with pytest.raises(ValueError, match=r"\[4, 8\] text rows .* \[6, 6\]"):
+        forward_backward(model, images, [pack_text(texts[:4], EOT, 2), pack_text(texts[4:], EOT, 2)], ClipLoss(), 2)
+    with pytest.raises(ValueError, match=r"\[12\] text rows .* \[6, 6\]"):
+        forward_backward(model, images, [pack_text(texts, EOT, 2)], ClipLoss(), 2)
+
+
+def test_packing_an_empty_batch_is_a_clear_error():
+    with pytest.raises(ValueError, match="empty batch"):
+        pack_text(_texts([]), EOT, 4)
