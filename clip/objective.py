@@ -129,7 +129,8 @@ def forward_backward(
             if is_last:
                 tensors += [t for t in outputs[2:] if t is not None]
                 grads += parameter_grads
-            torch.autograd.backward(tensors, [g.to(t.dtype) for t, g in zip(tensors, grads)])
+            pairs = [(t, g) for t, g in zip(tensors, grads) if t.requires_grad]  # a locked tower's have no graph
+            torch.autograd.backward([t for t, _ in pairs], [g.to(t.dtype) for t, g in pairs])
     return loss.detach()
 
 
