@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch._dynamo.testing import CompileCounter
+from torch._dynamo.testing import CompileCounterWithBackend
 
 from clip.config import ConfigError
 from clip.loss import ClipLoss
@@ -114,8 +114,10 @@ def test_packed_features_equal_openclips_padded_text_tower():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+# aot_eager also traces the backward with symbolic lengths; inductor is what compile=true runs.
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("num_microbatches", [1, 2])
-def test_compiled_packed_step_has_no_graph_break_matches_eager_and_stops_recompiling(num_microbatches):
+def test_compiled_packed_step_has_no_graph_break_matches_eager_and_stops_recompiling(num_microbatches, backend):
     model = ContrastiveModel(_tiny_model(torch.float32))
     images = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
@@ -125,16 +127,20 @@ def test_compiled_packed_step_has_no_graph_break_matches_eager_and_stops_recompi
         loss = forward_backward(module, images, packed, ClipLoss(), num_microbatches)
         return loss, {n: p.grad.clone() for n, p in module.named_parameters()}
 
-    batches = [_texts(LENGTHS[:12], seed=seed) for seed in range(2)]
+    # First every group at the full context length (equal sizes, which torch.compile could tie
+    # together or specialise on), then lengths that differ within and between batches.
+    batches = [_texts([77] * 12)] + [_texts(LENGTHS[:12], seed=seed) for seed in range(2)]
     batches += [_texts([3 * i + seed for i in range(1, 13)], seed=seed) for seed in range(3)]  # new lengths
     eager = [gradients(model, texts) for texts in batches]
-    counter = CompileCounter()
+    counter = CompileCounterWithBackend(backend)
     model.compile(backend=counter, fullgraph=True)
+    # inductor fuses and reorders float32 sums: its gradients differ from eager's by ~1e-6 relative.
+    rtol, atol = (1e-5, 1e-6) if backend == "aot_eager" else (1e-4, 1e-5)
     for texts, (eager_loss, eager_grads) in zip(batches, eager):
         loss, grads = gradients(model, texts)
-        torch.testing.assert_close(loss, eager_loss, rtol=1e-6, atol=0)
+        torch.testing.assert_close(loss, eager_loss, rtol=rtol / 10, atol=0)
         for name in eager_grads:
-            torch.testing.assert_close(grads[name], eager_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+            torch.testing.assert_close(grads[name], eager_grads[name], rtol=rtol, atol=atol, msg=name)
     # One graph for every batch, whatever its lengths (GradCache: one without gradient, one with).
     assert counter.frame_count == (2 if num_microbatches > 1 else 1), counter.frame_count
 
