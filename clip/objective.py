@@ -62,7 +62,7 @@ class ContrastiveModel(nn.Module):
 def forward_backward(
     model: nn.Module,
     images: torch.Tensor,
-    texts: torch.Tensor | Sequence[PackedText],
+    texts: torch.Tensor | PackedText | Sequence[PackedText],
     loss_fn: Callable[..., torch.Tensor],
     num_microbatches: int = 1,
     autocast: Callable[[], ContextManager] = contextlib.nullcontext,
@@ -71,8 +71,8 @@ def forward_backward(
     """Add to `.grad` the gradients of the global-batch loss and return the rank's loss, detached.
 
     `model` is a `ContrastiveModel`, bare or wrapped in DDP or FSDP2; `images` [B, 3, H, W] and
-    `texts` [B, L] (or one `PackedText` per micro-batch, `prepare_texts`) are this rank's batch, B
-    divisible by `num_microbatches`; `loss_fn` is a
+    `texts` [B, L] (or one `PackedText` per micro-batch, `prepare_texts`; a bare one for a single
+    micro-batch) are this rank's batch, B divisible by `num_microbatches`; `loss_fn` is a
     `ClipLoss` or `SigLipLoss`; `autocast` makes the model's forward context, e.g.
     `functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)`; `grad_scaler` (fp16) scales
     what is backpropagated, as `grad_scaler.scale(loss).backward()` would. The returned loss, averaged
@@ -83,9 +83,12 @@ def forward_backward(
         raise ValueError(
             f"num_microbatches={num_microbatches} must be >= 1 and divide the local batch size {images.shape[0]}"
         )
+    if isinstance(texts, PackedText):
+        texts = [texts]
     text_chunks = texts.chunk(num_microbatches) if isinstance(texts, torch.Tensor) else texts
-    if len(text_chunks) != num_microbatches:
-        raise ValueError(f"{len(text_chunks)} packed texts for {num_microbatches} micro-batches")
+    rows, image_rows = [len(chunk) for chunk in text_chunks], [images.shape[0] // num_microbatches] * num_microbatches
+    if rows != image_rows:
+        raise ValueError(f"{rows} text rows per micro-batch for {image_rows} images per micro-batch")
     if num_microbatches == 1:
         with autocast():
             outputs = model(images, text_chunks[0])
@@ -126,7 +129,8 @@ def forward_backward(
             if is_last:
                 tensors += [t for t in outputs[2:] if t is not None]
                 grads += parameter_grads
-            torch.autograd.backward(tensors, [g.to(t.dtype) for t, g in zip(tensors, grads)])
+            pairs = [(t, g) for t, g in zip(tensors, grads) if t.requires_grad]  # a locked tower's have no graph
+            torch.autograd.backward([t for t, _ in pairs], [g.to(t.dtype) for t, g in pairs])
     return loss.detach()
 
 

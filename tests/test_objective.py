@@ -111,6 +111,25 @@ def test_accumulation_equals_one_forward_of_the_batch():
     assert_same_step({"loss": loss, "grads": gradients(model)}, expected, 1e-12, "accumulated")
 
 
+@pytest.mark.parametrize("locked", ["image", "text"])
+def test_accumulation_with_a_locked_tower_equals_one_forward_of_the_batch(locked):
+    """LiT (lock_image / lock_text): the locked tower's features carry no gradient to backpropagate."""
+    from clip.train import apply_tower_lock
+
+    model = build_model(patch_dropout=0.0)
+    apply_tower_lock(model.model, lock_image=locked == "image", lock_text=locked == "text")
+    images, texts = make_batch(model)
+    loss_fn = build_loss(LossConfig())
+    loss = loss_fn(*model(images, texts))
+    loss.backward()
+    expected = {"loss": loss.detach(), "grads": gradients(model)}
+    locked_prefix = "model.visual" if locked == "image" else "model.transformer"
+    assert not any(name.startswith(locked_prefix) for name in expected["grads"])
+    model.zero_grad(set_to_none=True)
+    loss = forward_backward(model, images, texts, loss_fn, num_microbatches=4)
+    assert_same_step({"loss": loss, "grads": gradients(model)}, expected, 1e-12, f"{locked} locked")
+
+
 def test_accumulation_without_rng_replay_is_wrong(monkeypatch):
     """Teeth: if pass 2 drew new patch-dropout masks, the gradients would not be the batch's."""
     model = build_model()

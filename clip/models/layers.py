@@ -70,11 +70,13 @@ class Attention(nn.Module):
         if packed_groups is None:
             return self.out_proj(self._attend(qkv, is_causal))
         sizes = [n * length for n, length in packed_groups]
+        # out_proj per group: its saved input is then a view of what SDPA saves anyway; one out_proj
+        # over the concatenated groups would keep a second [T, D] copy per layer until backward.
         out = [
-            self._attend(group.view(n, length, -1), is_causal).view(n * length, -1)
+            self.out_proj(self._attend(group.view(n, length, -1), is_causal).view(n * length, -1))
             for group, (n, length) in zip(qkv.split(sizes), packed_groups)
         ]
-        return self.out_proj(torch.cat(out))  # [T, D]
+        return torch.cat(out)  # [T, D]
 
     def _attend(self, qkv: torch.Tensor, is_causal: bool) -> torch.Tensor:
         """qkv [B, L, 3D] (q, k, v stacked along the last dimension) -> attention output [B, L, D]."""

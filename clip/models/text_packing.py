@@ -28,6 +28,10 @@ class PackedText:
     groups: tuple[torch.Tensor, ...]  # [n, L] token rows per group, shortest captions first
     order: torch.Tensor  # [B] int64: packed row i (counting through the groups) is row order[i] of the batch
 
+    def __len__(self) -> int:
+        """Captions in the batch (B), as len() of the padded [B, L] rows."""
+        return self.order.shape[0]
+
     @property
     def num_tokens(self) -> int:
         """Positions the text tower computes (against batch size x context_length when padded)."""
@@ -60,6 +64,8 @@ def pack_text(text: torch.Tensor, eot_token_id: int, num_groups: int, multiple: 
     consecutive lengths, each cut after its longest caption rounded up to `multiple` (at most L)."""
     if num_groups < 1 or multiple < 1:
         raise ValueError(f"num_groups={num_groups} and multiple={multiple} must be >= 1")
+    if text.shape[0] == 0:
+        raise ValueError(f"cannot pack an empty batch (text of shape {tuple(text.shape)}): pass it padded")
     lengths = get_text_lengths(text, eot_token_id)  # [B]
     order = torch.argsort(lengths, stable=True)  # [B], shortest first
     sorted_lengths = lengths[order].tolist()
