@@ -86,7 +86,8 @@ def forward_backward(
     if isinstance(texts, PackedText):
         texts = [texts]
     text_chunks = texts.chunk(num_microbatches) if isinstance(texts, torch.Tensor) else texts
-    rows, image_rows = [len(chunk) for chunk in text_chunks], [images.shape[0] // num_microbatches] * num_microbatches
+    rows = [len(chunk) for chunk in text_chunks]
+    image_rows = [images.shape[0] // num_microbatches] * num_microbatches
     if rows != image_rows:
         raise ValueError(f"{rows} text rows per micro-batch for {image_rows} images per micro-batch")
     if num_microbatches == 1:

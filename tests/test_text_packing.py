@@ -161,7 +161,7 @@ def test_training_with_packing_follows_the_padded_trajectory(tmp_path, monkeypat
     assert padded_computed == [1.0] * 6
     assert all(0.5 < fraction < 0.9 for fraction in packed_computed), packed_computed  # lengths 2..32
     for key in padded:
-        torch.testing.assert_close(packed[key], padded[key], rtol=1e-4, atol=1e-5, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(packed[key], padded[key], rtol=1e-4, atol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
 
 
 def test_negative_groups_is_a_config_error(tmp_path):

@@ -15,6 +15,7 @@ back, attention group by group, and returns the features in the batch's original
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -74,6 +75,6 @@ def pack_text(text: torch.Tensor, eot_token_id: int, num_groups: int, multiple: 
     bounds = [batch * group // num_groups for group in range(num_groups + 1)]
     groups = tuple(
         text[order[start:stop], : min(width, math.ceil(sorted_lengths[stop - 1] / multiple) * multiple)]
-        for start, stop in zip(bounds, bounds[1:])
+        for start, stop in itertools.pairwise(bounds)
     )
     return PackedText(groups, order)
