@@ -23,7 +23,7 @@ Conventions (both kept explicit, because published tables mix them):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterable, Optional
 
 from clip.config import ModelConfig, TextConfig, VisionConfig
 
@@ -114,9 +114,23 @@ def _resnet_macs(cfg: VisionConfig, embed_dim: int) -> float:
     return macs + keys_values + query + attention + channels * embed_dim
 
 
-def _text_macs(cfg: TextConfig, embed_dim: int) -> float:
-    blocks = _transformer_macs(cfg.context_length, cfg.width, cfg.mlp_width, cfg.layers)
+def _text_macs(cfg: TextConfig, embed_dim: int, length: Optional[int] = None) -> float:
+    """One caption over its first `length` positions (default: all context_length of them)."""
+    blocks = _transformer_macs(length or cfg.context_length, cfg.width, cfg.mlp_width, cfg.layers)
     return blocks + cfg.width * embed_dim  # projection of the end-of-text token only
+
+
+def text_training_flops(cfg: TextConfig, embed_dim: int, length: int) -> float:
+    """Training FLOPs (forward x 3) of one caption computed over its first `length` positions: what a
+    packed text tower (clip/models/text_packing.py) executes, against `length=context_length` padded."""
+    return TRAINING_FORWARD_MULTIPLE * FLOPS_PER_MAC * _text_macs(cfg, embed_dim, length)
+
+
+def skipped_text_flops(cfg: ModelConfig, group_shapes: Iterable[tuple[int, int]]) -> float:
+    """Training FLOPs that text packing does not execute, for groups of (captions, positions kept),
+    against padding every caption to context_length."""
+    padded = text_training_flops(cfg.text, cfg.embed_dim, cfg.text.context_length)
+    return sum(n * (padded - text_training_flops(cfg.text, cfg.embed_dim, length)) for n, length in group_shapes)
 
 
 def flops_per_sample(cfg: ModelConfig, global_batch: int = 0, training: bool = True) -> FlopsBreakdown:

@@ -83,7 +83,7 @@ from clip.distributed import (
     read_launch_env,
     sum_across_ranks,
 )
-from clip.flops import get_mfu, get_peak_flops, training_flops_per_sample
+from clip.flops import get_mfu, get_peak_flops, skipped_text_flops, training_flops_per_sample
 from clip.logger import MetricsLogger, setup_console_logging
 from clip.loss import build_loss
 from clip.models import CLIP
@@ -272,7 +272,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 time.sleep(cfg.fault.sleep_s)
             images = batch.images.to(device, non_blocking=True, memory_format=image_format)
             texts = prepare_texts(batch.texts, model.eot_token_id, cfg.text_packing_groups, num_microbatches, device)
-            interval.count_text(texts, batch.texts)
+            interval.count_text(texts, batch.texts, model_config)
             skipped.update(batch.skipped)
             try:
                 if fault_here and step == cfg.fault.raise_at_step:
@@ -320,7 +320,11 @@ def train(cfg: TrainConfig) -> TrainResult:
                     metrics = _train_metrics(report, lr, model, interval, cfg, counters, scaler)
                     mfu = get_mfu(metrics["train/samples_per_s"], flops_per_sample, peak_flops, world_size)
                     if mfu is not None:
-                        metrics["train/mfu"] = mfu
+                        metrics["train/mfu"] = mfu  # model FLOPs: padded text, as OpenCLIP's table counts
+                        executed = flops_per_sample - interval.skipped_text_flops / max(interval.text_rows, 1)
+                        metrics["train/mfu_executed"] = get_mfu(
+                            metrics["train/samples_per_s"], executed, peak_flops, world_size
+                        )  # what the device ran: without the padding that packing skipped (rank 0's share)
                     metrics["train/epoch"] = consumed_state.get("epoch", 0)
                     metrics.update(_skip_metrics(skipped, device))
                     metrics_logger.log(step, metrics)
@@ -824,13 +828,20 @@ class _Interval:
         self.start = time.perf_counter()
         self.num_steps = 0
         self.data_seconds = 0.0
+        self.text_rows = 0
         self.text_positions = 0  # what the text tower computed (fewer than padded when packed)
         self.padded_text_positions = 0
+        self.skipped_text_flops = 0.0  # training FLOPs of the positions packing skipped
 
-    def count_text(self, texts: torch.Tensor | list[PackedText], padded: torch.Tensor) -> None:
+    def count_text(self, texts: torch.Tensor | list[PackedText], padded: torch.Tensor, cfg: ModelConfig) -> None:
         """Shapes only: nothing is read from the device."""
-        self.text_positions += texts.numel() if isinstance(texts, torch.Tensor) else sum(p.num_tokens for p in texts)
+        self.text_rows += padded.shape[0]
         self.padded_text_positions += padded.numel()
+        if isinstance(texts, torch.Tensor):
+            self.text_positions += texts.numel()
+            return
+        self.text_positions += sum(p.num_tokens for p in texts)
+        self.skipped_text_flops += skipped_text_flops(cfg, (group.shape for packed in texts for group in packed.groups))
 
     @property
     def seconds(self) -> float:

@@ -75,7 +75,7 @@ import torch
 
 from clip.config import LossConfig, OptimConfig, TrainConfig, TrainModelConfig
 from clip.distributed import StepOutcome
-from clip.flops import get_mfu, get_peak_flops, training_flops_per_sample
+from clip.flops import get_mfu, get_peak_flops, skipped_text_flops, training_flops_per_sample
 from clip.loss import build_loss
 from clip.models import CLIP, get_model_config
 from clip.models.text_packing import pack_text
@@ -457,6 +457,11 @@ def bench_synthetic(cfg: TrainConfig, device: torch.device, args: argparse.Names
             f"text packing: our text tower computes {packing.num_tokens} of the {padded} padded positions "
             f"({100 * packing.num_tokens / padded:.0f}%); MFU counts all {padded}, as OpenCLIP computes them"
         )
+        model_config = to_model_config(cfg.model)
+        if model_config.vision.kind != "timm":
+            skipped = skipped_text_flops(model_config, (group.shape for group in packing.groups))
+            share = 1 - skipped / (len(packing) * training_flops_per_sample(model_config, global_batch=len(packing)))
+            print(f"our step executes {100 * share:.1f}% of the model FLOPs: its hardware MFU is MFU x {share:.3f}")
     return results
 
 

@@ -10,9 +10,11 @@ from clip.flops import (
     get_mfu,
     get_peak_flops,
     main,
+    text_training_flops,
     training_flops_per_sample,
 )
 from clip.models import CLIP, get_model_config, list_models
+from clip.models.text_packing import pack_text
 
 # OpenCLIP's published forward GFLOPs per sample (image_gflops, text_gflops), from
 # github.com/mlfoundations/open_clip docs/model_profile.csv (commit 3b37473b7178479e2494f60392442648ed262e8a),
@@ -77,6 +79,21 @@ def test_openclip_counted_live_equals_ours_plus_its_attention_pool(name):
     expected = flops_per_sample(cfg)
     assert _count_macs(lambda: model.encode_image(images)) / batch == expected.image_macs + extra
     assert _count_macs(lambda: model.encode_text(text)) / batch == expected.text_macs
+
+
+def test_a_packed_caption_costs_the_flops_of_its_group_length():
+    cfg = get_model_config("tiny-vit")
+    model = CLIP(cfg)
+    text = torch.ones(12, cfg.text.context_length, dtype=torch.long)
+    text[torch.arange(12), torch.tensor([2, 5, 9, 3, 30, 76, 14, 7, 40, 1, 20, 11])] = cfg.text.eot_token_id
+    packed = pack_text(text, cfg.text.eot_token_id, num_groups=4)
+    assert len({group.shape[1] for group in packed.groups}) == 4  # four different lengths
+    expected = sum(
+        group.shape[0] * text_training_flops(cfg.text, cfg.embed_dim, group.shape[1]) for group in packed.groups
+    )
+    assert 3 * FLOPS_PER_MAC * _count_macs(lambda: model.encode_text(packed)) == expected
+    padded = text_training_flops(cfg.text, cfg.embed_dim, cfg.text.context_length)
+    assert padded == 3 * flops_per_sample(cfg).text_flops and expected < 12 * padded
 
 
 def test_reference_table_names_are_registered():

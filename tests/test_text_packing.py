@@ -11,12 +11,14 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
+import clip.train as train_module
 from clip.config import ConfigError
+from clip.flops import flops_per_sample, training_flops_per_sample
 from clip.loss import ClipLoss
 from clip.models import CLIP, get_model_config
 from clip.models.text_packing import get_text_lengths, pack_text
 from clip.objective import ContrastiveModel, forward_backward, prepare_texts
-from clip.train import train
+from clip.train import to_model_config, train
 from tests.train_fixtures import load_model_state, read_metrics, tiny_train_config, use_memory_data
 
 EOT = 49407
@@ -162,6 +164,29 @@ def test_training_with_packing_follows_the_padded_trajectory(tmp_path, monkeypat
     assert all(0.5 < fraction < 0.9 for fraction in packed_computed), packed_computed  # lengths 2..32
     for key in padded:
         torch.testing.assert_close(packed[key], padded[key], rtol=1e-4, atol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
+
+
+def test_executed_mfu_leaves_out_the_skipped_text_flops(tmp_path, monkeypatch):
+    # MFU is logged on GPUs only; a made-up peak makes the trainer log it here.
+    monkeypatch.setattr(train_module, "_get_mfu_inputs", lambda cfg, model_config, device: (
+        training_flops_per_sample(model_config, global_batch=cfg.global_batch_size), 1e12))
+    use_memory_data(monkeypatch, context_length=32, varied_captions=True)
+
+    def logged(name, groups):
+        train(tiny_train_config(tmp_path / name, "max_steps=3", "model.text.context_length=32",
+                                f"text_packing_groups={groups}"))  # fmt: skip
+        return [e for e in read_metrics(tmp_path / name) if "train/mfu" in e]
+
+    for event in logged("padded", 0):
+        assert event["train/mfu_executed"] == event["train/mfu"]
+    model_config = tiny_train_config(tmp_path, "model.text.context_length=32").model
+    flops = flops_per_sample(to_model_config(model_config))
+    for event in logged("packed", 4):
+        # The skipped share of the text FLOPs is about the skipped share of its positions (a little
+        # more: attention is quadratic in the length; a little less: the projection is per caption).
+        skipped = 1 - event["train/mfu_executed"] / event["train/mfu"]
+        positions_skipped = 1 - event["train/text_positions_computed"]
+        assert 0 < skipped == pytest.approx(flops.text_flops / flops.forward_flops * positions_skipped, rel=0.1)
 
 
 def test_negative_groups_is_a_config_error(tmp_path):
