@@ -238,6 +238,25 @@ def test_forward_backward_takes_one_packed_text_and_names_mismatched_rows():
         forward_backward(model, images, [pack_text(texts, EOT, 2)], ClipLoss(), 2)
 
 
-def test_packing_an_empty_batch_is_a_clear_error():
+def test_packing_an_empty_batch_or_one_row_is_a_clear_error():
     with pytest.raises(ValueError, match="empty batch"):
         pack_text(_texts([]), EOT, 4)
+    with pytest.raises(ValueError, match=r"token rows \[B, L\], not a tensor of shape \(77,\)"):
+        pack_text(_texts([5])[0], EOT, 4)
+
+
+def test_text_packed_at_another_end_of_text_id_is_refused_not_pooled_wrongly():
+    # Cut at the start token's id, every caption would be cut after one position and the tower would
+    # pool the wrong one: silently wrong features. The id travels with the packed text instead.
+    model = _tiny_model(torch.float32)
+    texts = _texts(LENGTHS)
+    with pytest.raises(ValueError, match="packed at end-of-text id 49406, but this model's is 49407"):
+        model.encode_text(pack_text(texts, EOT - 1, 4))
+    packed = pack_text(texts, EOT, 4)
+    assert packed.to("cpu").eot_token_id == EOT  # kept by the copy to the device
+
+
+def test_packed_text_on_another_device_than_the_model_is_named():
+    model = _tiny_model(torch.float32)
+    with pytest.raises(ValueError, match=r"packed text is on meta, the model on cpu: move it with packed.to\(device\)"):
+        model.encode_text(pack_text(_texts(LENGTHS), EOT, 4).to("meta"))

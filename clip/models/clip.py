@@ -102,6 +102,17 @@ class CLIP(nn.Module):
 
     def _pool_packed(self, packed: PackedText) -> torch.Tensor:
         """The end-of-text positions' outputs [B, D] of packed token rows, in the batch's order."""
+        # Host-side checks (no device read): a mistake here would give wrong features, not an error.
+        if packed.eot_token_id != self.eot_token_id:
+            raise ValueError(
+                f"text packed at end-of-text id {packed.eot_token_id}, but this model's is {self.eot_token_id}: "
+                "pack with pack_text(tokens, model.eot_token_id, ...)"
+            )
+        if packed.order.device != self.positional_embedding.device:
+            raise ValueError(
+                f"packed text is on {packed.order.device}, the model on {self.positional_embedding.device}: "
+                "move it with packed.to(device)"
+            )
         shapes = tuple((group.shape[0], group.shape[1]) for group in packed.groups)  # (n, L) per group
         for _, length in shapes:
             self._check_length(length)

@@ -28,6 +28,8 @@ class PackedText:
 
     groups: tuple[torch.Tensor, ...]  # [n, L] token rows per group, shortest captions first
     order: torch.Tensor  # [B] int64: packed row i (counting through the groups) is row order[i] of the batch
+    # The end-of-text id the groups were cut at: a model with another one would pool cut-off captions.
+    eot_token_id: int
 
     def __len__(self) -> int:
         """Captions in the batch (B), as len() of the padded [B, L] rows."""
@@ -39,7 +41,8 @@ class PackedText:
         return sum(group.numel() for group in self.groups)
 
     def pin_memory(self) -> PackedText:
-        return PackedText(tuple(group.pin_memory() for group in self.groups), self.order.pin_memory())
+        groups = tuple(group.pin_memory() for group in self.groups)
+        return PackedText(groups, self.order.pin_memory(), self.eot_token_id)
 
     def to(self, device: torch.device, non_blocking: bool = False) -> PackedText:
         import torch._dynamo
@@ -49,7 +52,7 @@ class PackedText:
             # The lengths change from batch to batch: torch.compile then builds one graph with
             # symbolic lengths at once, instead of recompiling as each group's length first changes.
             torch._dynamo.maybe_mark_dynamic(group, 1)
-        return PackedText(groups, self.order.to(device, non_blocking=non_blocking))
+        return PackedText(groups, self.order.to(device, non_blocking=non_blocking), self.eot_token_id)
 
 
 def get_text_lengths(text: torch.Tensor, eot_token_id: int) -> torch.Tensor:
@@ -65,6 +68,8 @@ def pack_text(text: torch.Tensor, eot_token_id: int, num_groups: int, multiple: 
     consecutive lengths, each cut after its longest caption rounded up to `multiple` (at most L)."""
     if num_groups < 1 or multiple < 1:
         raise ValueError(f"num_groups={num_groups} and multiple={multiple} must be >= 1")
+    if text.dim() != 2:
+        raise ValueError(f"pack_text takes token rows [B, L], not a tensor of shape {tuple(text.shape)}")
     if text.shape[0] == 0:
         raise ValueError(f"cannot pack an empty batch (text of shape {tuple(text.shape)}): pass it padded")
     lengths = get_text_lengths(text, eot_token_id)  # [B]
@@ -77,4 +82,4 @@ def pack_text(text: torch.Tensor, eot_token_id: int, num_groups: int, multiple: 
         text[order[start:stop], : min(width, math.ceil(sorted_lengths[stop - 1] / multiple) * multiple)]
         for start, stop in itertools.pairwise(bounds)
     )
-    return PackedText(groups, order)
+    return PackedText(groups, order, eot_token_id)
