@@ -62,6 +62,17 @@ def test_text_features_ignore_tokens_after_end_of_text():
         torch.testing.assert_close(model.encode_text(text[:, :6]), reference)
 
 
+def test_text_longer_than_the_context_says_how_to_tokenize_for_this_model():
+    # The smoke run's export has a 32-token context; clip.tokenize's default is OpenAI's 77.
+    cfg = get_model_config("tiny-vit")
+    cfg.text.context_length = 32
+    model = CLIP(cfg).eval()
+    message = (r"text has 77 tokens, more than the model's context_length=32: tokenize with "
+               r"clip.get_tokenizer\(model.config.text\), or clip.tokenize\(texts, context_length=32\)")
+    with pytest.raises(ValueError, match=message):
+        model.encode_text(torch.randint(1, 1000, (2, 77)))
+
+
 def test_patch_dropout_only_in_training():
     cfg = get_model_config("tiny-vit")
     cfg.vision.patch_dropout = 0.5

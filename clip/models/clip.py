@@ -98,7 +98,11 @@ class CLIP(nn.Module):
 
     def _check_length(self, length: int) -> None:
         if length > self.context_length:
-            raise ValueError(f"text has {length} tokens, more than the model's context_length={self.context_length}")
+            raise ValueError(
+                f"text has {length} tokens, more than the model's context_length={self.context_length}: "
+                "tokenize with clip.get_tokenizer(model.config.text), or "
+                f"clip.tokenize(texts, context_length={self.context_length})"
+            )
 
     def _pool_packed(self, packed: PackedText) -> torch.Tensor:
         """The end-of-text positions' outputs [B, D] of packed token rows, in the batch's order."""
