@@ -204,7 +204,10 @@ def _topk_metrics(top: torch.Tensor, targets: torch.Tensor, num_classes: int) ->
         raise ValueError("no samples to evaluate")
     if int(targets.min()) < 0 or int(targets.max()) >= num_classes:
         low, high = int(targets.min()), int(targets.max())
-        raise ValueError(f"labels span [{low}, {high}] but there are {num_classes} classes")
+        raise ValueError(
+            f"labels span [{low}, {high}], but there are {num_classes} classes: "
+            f"labels must be class indices 0 to {num_classes - 1}"
+        )
     hits = top == targets[:, None]  # [N, k]
     # top-5 of fewer than 5 classes is meaningless (CLIP_benchmark reports NaN): leave it out.
     metrics = {f"top{k}": int(hits[:, :k].any(dim=1).sum()) / num_samples for k in TOPK if k <= num_classes}
@@ -269,7 +272,10 @@ def evaluate_zero_shot(
             keys.append(batch_keys)
     empty = torch.zeros(0, dtype=torch.long, device=device)
     _, top, target = _gather_in_order(_cat(keys, empty), _cat(tops, empty.view(0, k)), _cat(labels, empty))
-    metrics = _topk_metrics(top, target, len(classnames))
+    try:
+        metrics = _topk_metrics(top, target, len(classnames))
+    except ValueError as error:  # which set: the trainer and the script evaluate several
+        raise ValueError(f"eval set {name!r}: {error}") from error
     return {f"eval/{name}_{metric}": value for metric, value in metrics.items()}
 
 

@@ -163,6 +163,14 @@ def test_eval_hooks_restore_each_modules_mode(tmp_path):
     assert set(metrics) == {"eval/set_top1", "eval/set_mean_per_class_recall", "eval/set_num_samples"}
 
 
+def test_a_label_beyond_the_class_names_names_the_set_and_the_valid_range():
+    # E.g. eval shards whose `cls` members count from 1, or a classnames.txt one line short.
+    images = [(torch.zeros(3, 32, 32), label) for label in (0, 1, 2)]
+    message = r"eval set 'mine': labels span \[0, 2\], but there are 2 classes: labels must be class indices 0 to 1"
+    with pytest.raises(ValueError, match=message):
+        evaluate_zero_shot(tiny_model(), images, ["cat", "dog"], ["a {}."], open_clip.tokenize, name="mine")
+
+
 def test_autocast_runs_and_returns_float_metrics(tmp_path):
     write_image_folder(tmp_path / "set", num_classes=5, per_class=2)
     captions = write_caption_set(tmp_path / "coco", num_images=4)
