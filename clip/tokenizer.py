@@ -363,8 +363,9 @@ def _load(name: str, context_length: int) -> Tokenizer:
 
 
 def get_tokenizer(source: Union[str, "TextConfig"] = OPENAI) -> Tokenizer:
-    """The tokenizer of a text tower: from its `TextConfig`, a registered model name, "openai", or
-    a tokenizer.json path. A `TextConfig` must agree with it on `vocab_size` and `eot_token_id`.
+    """The tokenizer of a text tower: from its `TextConfig`, a registered model name, "openai", a
+    tokenizer.json path, or a model export carrying one (paths give rows of the default 77 tokens).
+    A `TextConfig` must agree with it on `vocab_size` and `eot_token_id`.
 
     Instances are cached per process and safe to use in forked DataLoader workers.
     """
