@@ -20,7 +20,8 @@ of the two are printed: equal (fp32) or close (autocast) when the comparison is 
 
 **Text packing.** Our step packs its captions as the trainer does (`--text-packing-groups`, default
 the trainer's 8; 0 pads them as OpenCLIP does), so the caption lengths matter: `--caption-lengths`
-uniform (default) or web (alt-text-like; `synthetic_batch`). MFU counts the padded FLOPs for both.
+uniform (default) or web (alt-text-like; `synthetic_batch`). MFU counts the padded FLOPs for both;
+the script prints the share of them our packed step executes (MFU x that share: the hardware's MFU).
 
 **Timing.** A synthetic batch (random images, token rows with the end-of-text token at random
 positions); each implementation runs `--warmup` steps (compilation, optimizer state),
