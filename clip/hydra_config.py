@@ -108,7 +108,10 @@ def explain_config_error(error: BaseException) -> ConfigError:
     _refuse_secret_key(full_key)
     if isinstance(cause, MissingMandatoryValue):
         return ConfigError(f"{full_key} is required: set {full_key}=...")
-    return ConfigError(_unknown_key_message(full_key, f"{full_key}: {str(cause).strip().splitlines()[0]}"))
+    text = f"{full_key}: {str(cause).strip().splitlines()[0]}"
+    if "is not a ListConfig" in text:  # `eval.zero_shot=/data/val`: the brackets are easy to forget
+        text += f" ({full_key} takes a list: {full_key}=[a,b])"
+    return ConfigError(_unknown_key_message(full_key, text))
 
 
 def _override_syntax_message(error: OverrideParseException) -> str:

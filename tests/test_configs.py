@@ -63,6 +63,7 @@ def test_model_fields_can_be_overridden_with_type_checks(tmp_path):
         ("optim.lrr=0.1", r"optim.lrr.*did you mean optim.lr\?"),
         ("+optim.lrr=0.1", r"optim.lrr is not a config key \(did you mean optim.lr\?\)"),
         ("optim.lr=abc", r"optim.lr: Value 'abc' of type 'str' could not be converted to Float"),
+        ("eval.zero_shot=/data/val", r"eval.zero_shot: .* \(eval.zero_shot takes a list: eval.zero_shot=\[a,b\]\)$"),
         ("checkpoint.keep_last=1", r"checkpoint.keep_last=1 must be >= 2"),
         ("precision=fp8", r"precision='fp8' is not one of"),
         ("model.name=ViT-L-14", r"use model=ViT-L-14"),
