@@ -573,6 +573,12 @@ def main(argv: list[str] | None = None) -> list[Measured]:
         parser.error("--profile-trace needs --profile")
     if args.warmup < 1 or args.steps < 1 or args.chain < 1:
         parser.error("--warmup, --steps and --chain must be >= 1")
+    if args.batch < 1 or args.text_packing_groups < 0:
+        parser.error("--batch must be >= 1 and --text-packing-groups >= 0 (0: padded captions)")
+    try:
+        get_model_config(args.model)
+    except KeyError as error:
+        parser.error(f"--model: {error.args[0]}")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)  # fmt: skip
     torch.set_num_threads(args.threads or os.cpu_count())

@@ -119,3 +119,17 @@ def test_profile_refuses_real_shards(bench, capsys):
     with pytest.raises(SystemExit):
         bench.main([*COMMON, "--profile", "--shards", "/nowhere/{0..1}.tar"])
     assert "--profile profiles our step on a synthetic batch" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--batch", "0"], "--batch must be >= 1"),
+        (["--text-packing-groups", "-1"], "--text-packing-groups >= 0"),
+        (["--model", "ViT-B16"], "--model: unknown model 'ViT-B16'; registered models: "),
+    ],
+)
+def test_bad_flags_are_named_before_anything_is_built(bench, capsys, flags, message):
+    with pytest.raises(SystemExit):
+        bench.main([*COMMON, *flags])
+    assert message in capsys.readouterr().err
