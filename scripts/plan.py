@@ -295,9 +295,13 @@ def main(argv: list[str] | None = None) -> None:
                                                 ("--samples-seen", args.samples_seen)) if not value]  # fmt: skip
             if missing:
                 parser.error(f"the following arguments are required without --recipe: {', '.join(missing)}")
+            try:
+                model = get_model_config(args.model)
+            except KeyError as error:
+                parser.error(f"--model: {error.args[0]}")
             run = RunConfig(
                 name=args.model,
-                model=get_model_config(args.model),
+                model=model,
                 global_batch=args.global_batch,
                 samples_seen=args.samples_seen,
                 precision=args.precision or "bf16",

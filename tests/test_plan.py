@@ -148,6 +148,7 @@ def test_cli_plans_a_recipe_as_the_trainer_composes_it(capsys):
         (["--recipe", "smoke"], "pass --samples-seen"),
         (["global_batch_size=8"], "overrides need --recipe"),
         (["--model", "ViT-B-32"], "required without --recipe: --global-batch, --samples-seen"),
+        (["--model", "ViT-B16", "--global-batch", "64", "--samples-seen", "1e9"], "--model: unknown model 'ViT-B16'"),
     ],
 )
 def test_cli_recipe_errors_name_the_problem(argv, message, capsys):
