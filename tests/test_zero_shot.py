@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from clip.data.eval_datasets import collate_eval_batch, load_classification_set, load_retrieval_set
+from clip.models.text_packing import PackedText
 from clip.transforms import image_transform_eval
 from clip.zero_shot import (
     build_zero_shot_classifier,
@@ -47,6 +48,58 @@ def test_classifier_is_renormalised_mean_of_normalised_prompt_embeddings():
             embeddings = model.encode_text(prompts)
             mean = (embeddings / embeddings.norm(dim=-1, keepdim=True)).mean(dim=0)
             torch.testing.assert_close(weights[:, index], mean / mean.norm())
+
+
+def spy_on_encode_text(model, monkeypatch) -> list:
+    """The text inputs of each of `model.encode_text`'s calls, from now on."""
+    calls, encode_text = [], model.encode_text
+
+    def spy(text, normalize=False):
+        calls.append(text)
+        return encode_text(text, normalize)
+
+    monkeypatch.setattr(model, "encode_text", spy)
+    return calls
+
+
+def test_classifier_packs_the_prompts_of_whole_classes_per_call(monkeypatch):
+    """Our CLIP gets a few classes' prompts per call, without the padding after each prompt
+    (clip.models.text_packing); the weights equal one padded call per class."""
+    model = tiny_model()
+    classnames = [f"class {i}" for i in range(7)]
+    reference = build_zero_shot_classifier(PaddedOnly(model), open_clip.tokenize, classnames, TEMPLATES)
+    calls = spy_on_encode_text(model, monkeypatch)
+    weights = build_zero_shot_classifier(model, open_clip.tokenize, classnames, TEMPLATES, prompts_per_call=7)
+    # 7 prompts per call hold 2 classes of 3 templates.
+    assert [len(text) for text in calls] == [6, 6, 6, 3]
+    assert all(isinstance(text, PackedText) and text.num_tokens <= len(text) * 16 for text in calls)
+    torch.testing.assert_close(weights, reference, rtol=0, atol=1e-6)
+
+
+class PaddedOnly(torch.nn.Module):
+    """A model that is not our CLIP (an OpenCLIP or HF one, say): it only takes padded token rows."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.config = model, model.config
+
+    def encode_text(self, text, normalize=False):
+        assert isinstance(text, torch.Tensor), type(text)
+        return self.model.encode_text(text, normalize)
+
+    def encode_image(self, images, normalize=False):
+        return self.model.encode_image(images, normalize)
+
+
+def test_retrieval_packs_our_captions_and_pads_other_models(tmp_path, monkeypatch):
+    captions_file = write_caption_set(tmp_path, num_images=12)
+    model = tiny_model()
+    eval_set = load_retrieval_set(captions_file, image_transform_eval(32), images=tmp_path, name="coco")
+    padded = evaluate_retrieval(PaddedOnly(model), eval_set.dataset, open_clip.tokenize, batch_size=5)
+    calls = spy_on_encode_text(model, monkeypatch)
+    packed = evaluate_retrieval(model, eval_set.dataset, open_clip.tokenize, batch_size=5)
+    assert len(calls) == 3 and all(isinstance(text, PackedText) for text in calls)
+    assert packed == padded
 
 
 def test_classification_metrics_on_handmade_logits():
