@@ -131,6 +131,21 @@ def test_a_stop_agreed_while_a_new_epoch_starts_still_checkpoints_the_last_step(
     # Step 16, unread when the stop was agreed, is still accounted before its checkpoint: it was skipped.
     state = torch.load(tmp_path / "checkpoints" / "step-16" / "train_state.pt", weights_only=True)
     assert state["counters"]["nonfinite_steps"] == state["counters"]["consecutive_nonfinite"] == 1
+    # Resumed at the epoch's end: the first batch comes from the next epoch, on every rank at once.
+    monkeypatch.setattr(train_module, "exchange_host_flags", real_exchange)
+    resumed = train(tiny_train_config(tmp_path, "max_steps=20", "checkpoint.every_steps=0", "log.every_steps=100",
+                                      "fault.nan_at_steps=[16]"))  # fmt: skip
+    assert not resumed.preempted and resumed.step == 20
+    assert [e["train/epoch"] for e in read_metrics(tmp_path) if "train/loss" in e] == [1]  # step 20, logged
+
+
+def test_periodic_zero_shot_evaluation_runs_at_its_steps_and_once_at_the_last(tmp_path):
+    from tests.eval_fixtures import write_image_folder
+
+    write_image_folder(tmp_path / "eval", num_classes=3, per_class=2)
+    train(tiny_train_config(tmp_path / "run", "max_steps=4", "eval.every_steps=2", f"eval.zero_shot=[{tmp_path / 'eval'}]"))
+    evaluated = [e["step"] for e in read_metrics(tmp_path / "run") if any(key.startswith("eval/") for key in e)]
+    assert evaluated == [2, 4]  # the last step's evaluation is the final one, not a second periodic one
 
 
 def test_a_resumed_run_replays_the_random_state_of_the_uninterrupted_one(tmp_path):
