@@ -5,8 +5,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -54,6 +56,63 @@ def test_web_caption_lengths_look_like_alt_texts(bench):
     assert ((texts == cfg.model.text.eot_token_id).sum(dim=1) == 1).all()
 
 
+def test_uniform_caption_lengths_span_6_to_the_context_length(bench):
+    args = bench.argparse.Namespace(model="ViT-B-32", batch=4096, precision="fp32", compile=False,
+                                    grad_checkpointing=False, text_packing_groups=8)  # fmt: skip
+    cfg = bench.build_config(args)
+    cfg.model.vision.image_size = 1
+    _, texts = bench.synthetic_batch(cfg, bench.torch.device("cpu"))
+    lengths = get_text_lengths(texts, cfg.model.text.eot_token_id)
+    assert lengths.min() == 6 and lengths.max() == cfg.model.text.context_length
+
+
+def test_our_step_packs_the_chosen_captions_reads_each_step_during_the_next_and_prints_its_flops(
+    bench, capsys, monkeypatch
+):
+    torch = bench.torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from clip.models.text_packing import pack_text
+
+    step_texts, reads = [], []  # what each train_step got; how many steps had started at each report
+    real_train_step, real_report = bench.train_step, bench.StepOutcome.report
+
+    def train_step(module, images, texts, *args, **kwargs):
+        step_texts.append(texts)
+        return real_train_step(module, images, texts, *args, **kwargs)
+
+    def report(outcome):
+        reads.append(len(step_texts))
+        return real_report(outcome)
+
+    monkeypatch.setattr(bench, "train_step", train_step)
+    monkeypatch.setattr(bench.StepOutcome, "report", report)
+    bench.main([*COMMON, "--precision", "fp32", "--caption-lengths", "web", "--text-packing-groups", "3"])
+    args = bench.argparse.Namespace(model="tiny-vit", batch=8, precision="fp32", compile=False,
+                                    grad_checkpointing=False, text_packing_groups=3)  # fmt: skip
+    cfg = bench.build_config(args)
+    images, texts = bench.synthetic_batch(cfg, torch.device("cpu"), "web")
+    expected = pack_text(texts, cfg.model.text.eot_token_id, 3)
+    for (packed,) in step_texts:  # one micro-batch, packed as the trainer packs it
+        assert torch.equal(packed.order, expected.order)
+        assert all(torch.equal(a, b) for a, b in zip(packed.groups, expected.groups, strict=True))
+    assert reads == list(range(2, len(step_texts) + 1))  # as in the trainer: step k is read during step k + 1
+    # The executed share of the model FLOPs, against FlopCounterMode on the packed and padded forwards
+    # (the math SDPA backend decomposes attention into products that it counts; the CPU flash kernel not).
+    model = bench.CLIP(bench.to_model_config(cfg.model))
+
+    def counted(text) -> int:
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            model(images, text)
+        return counter.get_total_flops()
+
+    out = capsys.readouterr().out
+    assert f"computes {expected.num_tokens} of the {texts.numel()} padded positions" in out
+    share = float(re.search(r"hardware MFU is MFU x (\d\.\d+)", out).group(1))
+    assert share == pytest.approx(counted(expected) / counted(texts), abs=1e-3) and share < 0.9
+
+
 def test_real_shards_report_the_data_wait_share(bench, tmp_path, capsys):
     make_shards(str(tmp_path), num_shards=2, per_shard=16)
     (result,) = bench.main([*COMMON, "--precision", "bf16", "--shards", str(tmp_path / "shard-{000..001}.tar"),
@@ -86,6 +145,43 @@ def test_profile_adds_up_the_step_by_category_and_writes_a_trace(bench, tmp_path
     assert json.loads(trace.read_text())["traceEvents"]  # a Chrome trace Perfetto opens
 
 
+def test_profile_figures_are_per_step_whatever_the_chain(bench):
+    args = bench.argparse.Namespace(model="tiny-vit", batch=8, precision="fp32", compile=False,
+                                    grad_checkpointing=False, text_packing_groups=2)  # fmt: skip
+    cfg = bench.build_config(args)
+    ours = bench.OurStep(cfg, bench.torch.device("cpu"))
+    images, texts = ours.prepare(*bench.synthetic_batch(cfg, ours.device))
+    for _ in range(2):  # warm-up: AdamW's state
+        ours(images, texts)
+    one, three = (bench.profile_step(ours, images, texts, chain) for chain in (1, 3))
+    calls = {name: calls for name, _, _, calls in three.top}
+    common = [(name, count) for name, _, _, count in one.top if name in calls]
+    assert len(common) >= 5 and all(calls[name] == count for name, count in common), (one.top, three.top)
+
+
+def test_device_busy_time_counts_overlapping_and_nested_kernels_once(bench):
+    def kernel(start, end):  # a profiler event's interval, in microseconds
+        return SimpleNamespace(time_range=SimpleNamespace(start=start, end=end))
+
+    # [0, 10] overlapped by [5, 15] (another stream) and holding [2, 4]; idle until [20, 25], which holds [21, 22].
+    kernels = [kernel(5, 15), kernel(0, 10), kernel(2, 4), kernel(20, 25), kernel(21, 22)]
+    assert bench.busy_seconds(kernels) == pytest.approx(20e-6)
+
+
+def test_profile_counts_kernels_on_cuda_and_synchronous_operators_on_cpu(bench):
+    from torch.autograd import DeviceType
+
+    def event(name, device_type, is_user_annotation=False, is_async=False):
+        return SimpleNamespace(key=name, device_type=device_type, is_user_annotation=is_user_annotation,
+                               is_async=is_async)  # fmt: skip
+
+    events = [event("aten::mm", DeviceType.CPU), event("sm90_xmma_gemm", DeviceType.CUDA),
+              event("Optimizer.step#AdamW.step", DeviceType.CUDA, is_user_annotation=True),  # a range's device copy
+              event("gloo:all_reduce", DeviceType.CPU, is_async=True)]  # fmt: skip
+    assert [e.key for e in bench.counted_events(events, device=True)] == ["sm90_xmma_gemm"]
+    assert [e.key for e in bench.counted_events(events, device=False)] == ["aten::mm"]
+
+
 @pytest.mark.parametrize("name, category", [
     # CUDA kernel names as the H100 profile of a compiled ViT-B-16 step showed them
     ("nvjet_tst_128x256_64x4_1x2_h_bz_coopB_NNT", "matrix products"),
@@ -108,6 +204,7 @@ def test_profile_adds_up_the_step_by_category_and_writes_a_trace(bench, tmp_path
     ("Optimizer.step#AdamW.step", "optimizer (AdamW)"),
     ("aten::linalg_vector_norm", "other elementwise, copies, reductions"),
     ("gloo:all_gather", "communication"),
+    ("gloo:broadcast", "communication"),  # a gloo collective whose name holds no other pattern
     ("autograd::engine::evaluate_function: AddmmBackward0", "anything else"),
     ("ScaledDotProductFlashAttentionForCpuBackward0", "anything else"),  # the autograd node, not the kernel
 ])  # fmt: skip

@@ -63,6 +63,7 @@ def test_packing_sorts_splits_and_cuts_each_group_after_its_longest_caption():
     for group, rows in zip(packed.groups, packed.order.split([3, 3, 3, 4])):
         assert torch.equal(group, texts[rows, : group.shape[1]])  # the rows themselves, cut
     assert _shapes(pack_text(texts, EOT, num_groups=1, multiple=16)) == [(13, 77)]
+    assert _shapes(pack_text(_texts([16, 3, 8]), EOT, num_groups=3)) == [(1, 8), (1, 8), (1, 16)]  # multiples kept
     narrow = _texts([3, 5, 6], context_length=6)
     assert _shapes(pack_text(narrow, EOT, num_groups=8)) == [(1, 6)] * 3  # at most L; at most B groups
     assert get_text_lengths(_texts([4, 0]), EOT).tolist() == [4, 1]
@@ -172,8 +173,8 @@ def test_executed_mfu_leaves_out_the_skipped_text_flops(tmp_path, monkeypatch):
         training_flops_per_sample(model_config, global_batch=cfg.global_batch_size), 1e12))
     use_memory_data(monkeypatch, context_length=32, varied_captions=True)
 
-    def logged(name, groups):
-        train(tiny_train_config(tmp_path / name, "max_steps=3", "model.text.context_length=32",
+    def logged(name, groups):  # in two micro-batches, each packed on its own
+        train(tiny_train_config(tmp_path / name, "max_steps=3", "model.text.context_length=32", "micro_batch_size=8",
                                 f"text_packing_groups={groups}"))  # fmt: skip
         return [e for e in read_metrics(tmp_path / name) if "train/mfu" in e]
 
@@ -260,3 +261,9 @@ def test_packed_text_on_another_device_than_the_model_is_named():
     model = _tiny_model(torch.float32)
     with pytest.raises(ValueError, match=r"packed text is on meta, the model on cpu: move it with packed.to\(device\)"):
         model.encode_text(pack_text(_texts(LENGTHS), EOT, 4).to("meta"))
+
+
+def test_packed_rows_longer_than_the_context_length_are_a_clear_error():
+    texts = _texts([80, 3], context_length=80)  # the model's context_length is 77
+    with pytest.raises(ValueError, match="text has 80 tokens, more than the model's context_length=77"):
+        _tiny_model(torch.float32).encode_text(pack_text(texts, EOT, 2))

@@ -91,6 +91,14 @@ def test_sigusr1_preempts_like_sigterm_and_the_handlers_are_restored(tmp_path, m
         return real_forward_backward(*args, **kwargs)
 
     monkeypatch.setattr(train_module, "forward_backward", forward_backward)
+    saved_steps = []
+    real_save_checkpoint = train_module.save_checkpoint
+
+    def save_checkpoint(checkpoint_dir, step, *args, **kwargs):
+        saved_steps.append(step)
+        return real_save_checkpoint(checkpoint_dir, step, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_checkpoint)
     ignore = signal.signal(signal.SIGUSR1, lambda signum, frame: None)  # should the trainer not catch it
     try:
         before = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR1)}
@@ -100,6 +108,7 @@ def test_sigusr1_preempts_like_sigterm_and_the_handlers_are_restored(tmp_path, m
         signal.signal(signal.SIGUSR1, ignore)
     assert result.preempted and result.step == 3
     assert ckpt.find_latest(tmp_path / "checkpoints").name == "step-3"
+    assert saved_steps == [3]  # once: the stop's checkpoint is not written again after the loop
     assert after == before
 
 
@@ -115,9 +124,28 @@ def test_a_stop_agreed_while_a_new_epoch_starts_still_checkpoints_the_last_step(
         return real_exchange(has_batch, stop or epoch_restart)
 
     monkeypatch.setattr(train_module, "exchange_host_flags", exchange_host_flags)
-    result = train(tiny_train_config(tmp_path, "max_steps=20", "checkpoint.every_steps=0", "log.every_steps=100"))
+    result = train(tiny_train_config(tmp_path, "max_steps=20", "checkpoint.every_steps=0", "log.every_steps=100",
+                                     "fault.nan_at_steps=[16]"))  # fmt: skip
     assert result.preempted and result.step == 16
     assert ckpt.find_latest(tmp_path / "checkpoints").name == "step-16"
+    # Step 16, unread when the stop was agreed, is still accounted before its checkpoint: it was skipped.
+    state = torch.load(tmp_path / "checkpoints" / "step-16" / "train_state.pt", weights_only=True)
+    assert state["counters"]["nonfinite_steps"] == state["counters"]["consecutive_nonfinite"] == 1
+    # Resumed at the epoch's end: the first batch comes from the next epoch, on every rank at once.
+    monkeypatch.setattr(train_module, "exchange_host_flags", real_exchange)
+    resumed = train(tiny_train_config(tmp_path, "max_steps=20", "checkpoint.every_steps=0", "log.every_steps=100",
+                                      "fault.nan_at_steps=[16]"))  # fmt: skip
+    assert not resumed.preempted and resumed.step == 20
+    assert [e["train/epoch"] for e in read_metrics(tmp_path) if "train/loss" in e] == [1]  # step 20, logged
+
+
+def test_periodic_zero_shot_evaluation_runs_at_its_steps_and_once_at_the_last(tmp_path):
+    from tests.eval_fixtures import write_image_folder
+
+    write_image_folder(tmp_path / "eval", num_classes=3, per_class=2)
+    train(tiny_train_config(tmp_path / "run", "max_steps=4", "eval.every_steps=2", f"eval.zero_shot=[{tmp_path / 'eval'}]"))
+    evaluated = [e["step"] for e in read_metrics(tmp_path / "run") if any(key.startswith("eval/") for key in e)]
+    assert evaluated == [2, 4]  # the last step's evaluation is the final one, not a second periodic one
 
 
 def test_a_resumed_run_replays_the_random_state_of_the_uninterrupted_one(tmp_path):
@@ -175,8 +203,11 @@ def test_a_skipped_step_leaves_parameters_and_moments_untouched_without_a_host_r
     _assert_same_tensors(moments_2, moments_3)  # step counts included
     assert not torch.equal(params_1["visual.proj"], params_2["visual.proj"])  # while a finite step does update
     assert not torch.equal(params_3["visual.proj"], params_4["visual.proj"])
-    nonfinite = read_metrics(tmp_path)[-1]["train/nonfinite_steps"]
+    metrics = read_metrics(tmp_path)[-1]
+    nonfinite = metrics["train/nonfinite_steps"]
     assert nonfinite == 1 if precision != "fp16" else nonfinite >= 1  # fp16: the loss scale's overflows count too
+    if precision == "fp16":  # every skipped step halves the loss scale once, the injected one included
+        assert metrics["train/loss_scale"] == 2.0**16 * 0.5**nonfinite
 
 
 @pytest.mark.parametrize("where", ["loss", "gradient"])
