@@ -51,14 +51,14 @@ def timed(build, device: torch.device) -> tuple[float, torch.Tensor]:
     return time.perf_counter() - start, weights
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="ViT-B-32")
     parser.add_argument("--classes", type=int, default=1000, help="the first N ImageNet classes")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="autocast dtype")
     parser.add_argument("--clip-benchmark", action="store_true", help="also time CLIP_benchmark's classifier")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     device = torch.device(args.device)
     model = CLIP(get_model_config(args.model)).to(device).eval()
@@ -78,7 +78,8 @@ def main() -> None:
     runs = {"ours (packed)": (ours, model), "ours padded": (ours, PaddedTextTower(model))}
     if args.clip_benchmark:
         runs["CLIP_benchmark (a call per class)"] = (clip_benchmark, model)
-    print(f"{args.model} text tower, {len(classnames)} classes x {len(templates)} templates, {args.precision}, {device}")
+    size = f"{len(classnames)} classes x {len(templates)} templates"
+    print(f"{args.model} text tower, {size}, {args.precision}, {device}")
     results = {}
     for label, (build, subject) in runs.items():
         build(subject, classnames[:2])  # warm-up (allocator, kernels)
