@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import torch
 from PIL import Image
 from torchvision import transforms as T
+from torchvision.transforms import v2
 
 # Channel statistics of OpenAI's CLIP training data (used by every released CLIP checkpoint).
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -27,13 +29,20 @@ def image_transform_eval(image_size: int) -> T.Compose:
     )
 
 
-def image_transform_train(image_size: int, scale: tuple[float, float] = (0.9, 1.0)) -> T.Compose:
-    """RandomResizedCrop (OpenCLIP's default scale range (0.9, 1.0)), RGB, normalise."""
-    return T.Compose(
+def image_transform_train(image_size: int, scale: tuple[float, float] = (0.9, 1.0)) -> v2.Compose:
+    """RGB, RandomResizedCrop (OpenCLIP's default scale range (0.9, 1.0)), normalise.
+
+    The crop is resized on the uint8 pixels by torchvision's antialiased bicubic kernel, about 4x
+    faster than PIL's (which OpenCLIP's transform uses) and the largest cost of loading a sample. It
+    draws the same crop boxes from torch's RNG as OpenCLIP's transform, and its pixels differ from
+    PIL's by at most 2 of 255 levels, in well under 1% of them (tests/test_transforms.py).
+    """
+    return v2.Compose(
         [
-            T.RandomResizedCrop(image_size, scale=tuple(scale), interpolation=T.InterpolationMode.BICUBIC),
             _to_rgb,
-            T.ToTensor(),
-            T.Normalize(OPENAI_MEAN, OPENAI_STD),
+            v2.PILToTensor(),  # [3, H, W] uint8, channels-last in memory: the layout the fast kernel takes
+            v2.RandomResizedCrop(image_size, scale=tuple(scale), interpolation=T.InterpolationMode.BICUBIC),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(OPENAI_MEAN, OPENAI_STD, inplace=True),  # on ToDtype's fresh tensor: no second copy
         ]
     )

@@ -5,8 +5,9 @@
 Writes 256 px JPEG shards (textured images of ~25 KB, like img2dataset output at 256 px) once, then
 measures samples/s of (a) decode + crop + tokenize in one process with no pipeline (the per-core
 ceiling), (b) our loader in-process and with 1..N workers, (c) OpenCLIP's `get_wds_dataset` (needs
-open_clip_torch; a test-only reference) with the same transform, tokenizer, batch size and workers.
-Both pipelines shuffle and crop at random; the first batch (worker start-up) is not timed.
+open_clip_torch; a test-only reference) with the same transform, tokenizer, batch size and workers,
+and in-process also with OpenCLIP's own training transform (PIL's resize: what its users run). Both
+pipelines shuffle and crop at random; the first batch (worker start-up) is not timed.
 """
 
 from __future__ import annotations
@@ -100,8 +101,9 @@ def bench_ours(pattern: str, tokenize, workers: int, batch_size: int, num_batche
 
 
 def bench_openclip(
-    pattern: str, tokenize, workers: int, batch_size: int, num_batches: int, num_samples: int
+    pattern: str, tokenize, workers: int, batch_size: int, num_batches: int, num_samples: int, transform=None
 ) -> tuple[float, float]:
+    """OpenCLIP's pipeline with our transform (so that only the loading differs) or with `transform`."""
     # open_clip_train.data imports pandas for its CSV dataset only; it is not installed here and not needed.
     sys.modules.setdefault("pandas", types.ModuleType("pandas"))
     import open_clip_train.data as openclip_data
@@ -123,7 +125,8 @@ def bench_openclip(
         world_size=1,
         workers=workers,
     )
-    data = get_wds_dataset(args, image_transform_train(224), is_train=True, epoch=0, tokenizer=tokenize)
+    transform = transform or image_transform_train(224)
+    data = get_wds_dataset(args, transform, is_train=True, epoch=0, tokenizer=tokenize)
     return timed(data.dataloader, num_batches)
 
 
@@ -146,7 +149,12 @@ def main() -> None:
         ("ours", 0, bench_ours(pattern, tokenize, 0, args.batch_size, args.batches)),
     ]
     if not args.skip_openclip:
+        # Imported before bench_openclip stubs pandas out (wandb, which open_clip may import, probes it).
+        from open_clip.transform import image_transform  # OpenCLIP's own PIL transform: what its users run
+
         rows.append(("OpenCLIP get_wds_dataset", 0, bench_openclip(pattern, tokenize, 0, args.batch_size, args.batches, total)))
+        own = bench_openclip(pattern, tokenize, 0, args.batch_size, args.batches, total, image_transform(224, is_train=True))
+        rows.append(("OpenCLIP get_wds_dataset, its own (PIL) transform", 0, own))
     for workers in range(1, args.workers + 1):
         rows.append(("ours", workers, bench_ours(pattern, tokenize, workers, args.batch_size, args.batches)))
         if not args.skip_openclip:

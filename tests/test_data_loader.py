@@ -300,7 +300,7 @@ def test_batched_normalisation_equals_the_transform_bitwise(make):
     transform = make()
     images = [Image.open(io.BytesIO(tiny_jpeg(i, size=40))).convert(mode) for i, mode in enumerate(["RGB", "L", "RGB"])]
     batcher = ImageBatcher(transform)
-    assert batcher.mean is not None  # the fast path is taken for the library's transforms
+    assert batcher.mean is not None or batcher.batch_tail is not None  # the library's transforms take the fast path
     torch.manual_seed(5)
     fast = batcher.stack([batcher(image) for image in images])
     torch.manual_seed(5)

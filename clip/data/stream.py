@@ -127,21 +127,27 @@ def load_image(record: Record) -> Image.Image | SkipEvent:
 class ImageBatcher:
     """Applies the image transform and stacks a batch.
 
-    When the transform is a torchvision Compose ending in ToTensor + Normalize (as clip.transforms'
-    are), those two run once on the stacked uint8 batch instead of per image: the same float32
-    operations in the same order, so the result is bitwise equal, at about half the tensor cost.
+    When the transform is a torchvision Compose ending in a conversion to float + Normalize (as
+    clip.transforms' are: v1 ToTensor + Normalize for eval, v2 ToDtype + Normalize for training),
+    those two run once on the stacked uint8 batch instead of per image: the same float32 operations
+    in the same order, so the result is bitwise equal, at about half the tensor cost.
     """
 
     def __init__(self, transform: Callable[[Image.Image], torch.Tensor]):
         from torchvision import transforms as T
+        from torchvision.transforms import v2
 
-        steps = getattr(transform, "transforms", None) if isinstance(transform, T.Compose) else None
-        if steps and len(steps) >= 2 and isinstance(steps[-2], T.ToTensor) and isinstance(steps[-1], T.Normalize):
+        steps = getattr(transform, "transforms", None) if isinstance(transform, (T.Compose, v2.Compose)) else None
+        self.per_image, self.batch_tail, self.mean, self.std = transform, None, None, None
+        if not steps or len(steps) < 2:
+            return
+        if isinstance(steps[-2], T.ToTensor) and isinstance(steps[-1], T.Normalize):
+            # ToTensor takes one PIL image: the batch gets its arithmetic (divide by 255) written out.
             self.per_image = T.Compose(steps[:-2])
             self.mean = torch.as_tensor(steps[-1].mean, dtype=torch.float32).view(1, -1, 1, 1)
             self.std = torch.as_tensor(steps[-1].std, dtype=torch.float32).view(1, -1, 1, 1)
-        else:
-            self.per_image, self.mean, self.std = transform, None, None
+        elif isinstance(steps[-2], v2.ToDtype) and isinstance(steps[-1], v2.Normalize):
+            self.per_image, self.batch_tail = v2.Compose(steps[:-2]), v2.Compose(steps[-2:])  # v2 takes batches
 
     def __call__(self, image: Image.Image):
         out = self.per_image(image)
@@ -150,6 +156,8 @@ class ImageBatcher:
         return np.asarray(out if out.mode == "RGB" else out.convert("RGB"))  # [H, W, 3] uint8
 
     def stack(self, images: list) -> torch.Tensor:
+        if self.batch_tail is not None:
+            return self.batch_tail(torch.stack(images))  # [B, 3, H, W] uint8 -> float32
         if self.mean is None:
             return torch.stack(images)
         batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()  # [B, 3, H, W] uint8
