@@ -99,6 +99,9 @@ class MemoryLoader:
         self.epoch += 1
         self.next_batch = 0
 
+    def finish_images(self, images: torch.Tensor) -> torch.Tensor:
+        return images  # the images are model inputs already
+
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "next_batch": self.next_batch}
 

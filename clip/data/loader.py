@@ -161,6 +161,11 @@ class TrainLoader:
         """Batches per epoch, the same on every rank (epoch mode); None when resampled."""
         return self.plan.steps_per_epoch
 
+    def finish_images(self, images: torch.Tensor) -> torch.Tensor:
+        """A batch's uint8 images, already on the model's device, as the transform returns them
+        (float32, normalised): the loader defers that last step to the device (ImageBatcher)."""
+        return self.streams[0].images.finish(images)
+
     def set_epoch(self, epoch: int) -> None:
         """The epoch the next `iter()` yields; continues it mid-way if the loaded state is inside it."""
         self.next_epoch = epoch
