@@ -3,7 +3,8 @@
 Run them on a GPU machine with `pytest tests/test_cuda.py`. The fp16 load and the flash-attention
 check were first run as scripts on an H100 (docs/benchmarks.md, docs/api.md); this file is their
 permanent form. Not yet run on a GPU: the sync count of 0 (it was 1 before the step's verdict moved
-onto the device), the trainer run with a skipped step, bench_train.py's --profile and text packing.
+onto the device), the trainer run with a skipped step, bench_train.py's --profile, text packing
+and finishing uint8 batches on the GPU.
 """
 
 from __future__ import annotations
@@ -92,3 +93,22 @@ def test_text_packing_on_cuda_matches_padding_under_bf16_and_compiles_once():
             packed = encode(pack_text(texts, EOT, 8).pin_memory().to("cuda", non_blocking=True), normalize=True)
         assert torch.nn.functional.cosine_similarity(packed.float(), padded.float(), dim=-1).min().item() > 0.999
     assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_uint8_batches_finish_on_the_gpu_bitwise_as_on_the_cpu_without_waiting():
+    """The loader ships uint8 pixels; finishing them on the GPU (float conversion + Normalize) gives
+    the CPU's bits and never synchronises (no tensor is made from the statistics per batch)."""
+    from clip.data.stream import ImageBatcher
+    from clip.transforms import image_transform_eval, image_transform_train
+
+    pixels = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    for transform in (image_transform_train(32), image_transform_eval(32)):
+        batcher = ImageBatcher(transform)
+        on_gpu = pixels.cuda()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            finished = batcher.finish(on_gpu)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert torch.equal(finished.cpu(), batcher.finish(pixels))
