@@ -308,6 +308,44 @@ def test_images_travel_as_uint8_and_finish_bitwise_equal_to_the_transform(make):
     assert torch.equal(batcher.finish(shipped), reference)
 
 
+def _user_transforms():
+    from torchvision import transforms as T
+    from torchvision.transforms import v2
+
+    to_float = v2.ToDtype(torch.float32, scale=True)
+    return {
+        "v1 one value for every channel": T.Compose([T.CenterCrop(24), T.ToTensor(), T.Normalize([0.5], [0.5])]),
+        "v1 numbers": T.Compose([T.CenterCrop(24), T.ToTensor(), T.Normalize(0.5, 0.25)]),
+        "v1 tensor statistics": T.Compose(
+            [T.CenterCrop(24), T.ToTensor(), T.Normalize(torch.tensor(OPENAI_MEAN), torch.tensor(OPENAI_STD))]
+        ),
+        "v2 one value for every channel": v2.Compose(
+            [v2.PILToTensor(), v2.CenterCrop(24), to_float, v2.Normalize([0.5], [0.5])]
+        ),
+        "v2 ToDtype of float pixels": v2.Compose(  # the last ToDtype has nothing to scale
+            [v2.PILToTensor(), to_float, v2.CenterCrop(24), to_float, v2.Normalize(OPENAI_MEAN, OPENAI_STD)]
+        ),
+    }
+
+
+@pytest.mark.parametrize("name", list(_user_transforms()))
+def test_a_users_float_conversion_and_normalize_finish_as_the_transform_does(name):
+    """Normalize broadcasts one value over every channel and takes numbers or tensors; v2's ToDtype
+    scales only integer pixels: the batch must finish exactly as each image would."""
+    from PIL import Image
+
+    from clip.data.stream import ImageBatcher
+
+    transform = _user_transforms()[name]
+    images = [Image.open(io.BytesIO(tiny_jpeg(i, size=40))).convert("RGB") for i in range(3)]
+    batcher = ImageBatcher(transform)
+    assert batcher.normalize is not None  # the batched path, not the per-image fallback
+    shipped = batcher.stack([batcher(image) for image in images])
+    kept = shipped.clone()
+    assert torch.equal(batcher.finish(shipped), torch.stack([transform(image) for image in images]))
+    assert torch.equal(shipped, kept)  # the caller's batch is left as it was
+
+
 def test_the_loader_ships_uint8_and_finishes_on_the_model_side(tmp_path):
     make_shards(str(tmp_path), 1, 8)
     loader = build_train_loader(data_config(f"{tmp_path}/shard-000.tar"), **loader_kwargs())

@@ -144,12 +144,15 @@ class ImageBatcher:
         to_tensor = isinstance(convert, T.ToTensor) and isinstance(normalize, T.Normalize)
         to_dtype = isinstance(convert, v2.ToDtype) and isinstance(normalize, v2.Normalize)
         to_dtype = to_dtype and convert.dtype == torch.float32 and convert.scale
-        self.per_image, self.pil_output, self.normalize = transform, False, None
+        self.per_image, self.pil_output, self.convert, self.normalize = transform, False, None, None
         if to_tensor or to_dtype:
             self.per_image, self.pil_output = type(transform)(steps[:-2]), to_tensor
+            self.convert = None if to_tensor else convert  # v2's scale depends on the input dtype: let it decide
             # Channel statistics as Python floats: on a GPU batch, tensors made from them each step
-            # would be host-to-device copies that wait for the device.
-            self.normalize = tuple(zip(map(float, normalize.mean), map(float, normalize.std)))
+            # would be host-to-device copies that wait for the device. A list, a tuple, a tensor or
+            # (v1) a number, as Normalize takes them; one value stands for every channel.
+            statistics = (normalize.mean, normalize.std)
+            self.normalize = tuple(torch.as_tensor(s, dtype=torch.float64).flatten().tolist() for s in statistics)
 
     def __call__(self, image: Image.Image):
         out = self.per_image(image)
@@ -168,9 +171,16 @@ class ImageBatcher:
         if self.normalize is None:
             return batch
         # ToTensor divides by 255, v2's ToDtype multiplies by 1/255: the last bits differ.
-        images = batch.to(torch.float32)
-        images = images.div_(255) if self.pil_output else images.mul_(1.0 / 255)
-        for channel, (mean, std) in enumerate(self.normalize):
+        images = batch.to(torch.float32).div_(255) if self.pil_output else self.convert(batch)
+        images = images.clone() if images is batch else images  # ToDtype passes float32 through: keep the caller's
+        num_channels = images.shape[1]
+        means, stds = (values * num_channels if len(values) == 1 else values for values in self.normalize)
+        if not len(means) == len(stds) == num_channels:
+            raise ValueError(
+                f"the image transform's Normalize has {len(means)} means and {len(stds)} stds "
+                f"for {num_channels}-channel images"
+            )
+        for channel, (mean, std) in enumerate(zip(means, stds)):
             images[:, channel].sub_(mean).div_(std)  # Normalize's float32 arithmetic, channel by channel
         return images
 
