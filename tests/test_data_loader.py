@@ -308,6 +308,30 @@ def test_images_travel_as_uint8_and_finish_bitwise_equal_to_the_transform(make):
     assert torch.equal(batcher.finish(shipped), reference)
 
 
+@pytest.mark.parametrize("make", [lambda: image_transform_train(24), lambda: image_transform_eval(24)])
+def test_finishing_never_divides_by_a_python_number(make):
+    """On CUDA, `x / number` is computed as `x * (1 / number)` (a CPU-scalar fast path), which is a
+    bit off the transform's division in about half the values; dividing by a tensor on the batch's
+    device is exact there too (tests/test_cuda.py checks the bits on a GPU)."""
+    from torch.overrides import TorchFunctionMode
+
+    from clip.data.stream import ImageBatcher
+
+    divisions = []
+
+    class RecordDivisions(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in ("div", "div_", "true_divide", "true_divide_", "__truediv__"):
+                divisions.append(type(args[1]))
+            return func(*args, **(kwargs or {}))
+
+    batcher = ImageBatcher(make())
+    pixels = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    with RecordDivisions():
+        batcher.finish(pixels)
+    assert divisions and all(issubclass(kind, torch.Tensor) for kind in divisions), divisions
+
+
 def _user_transforms():
     from torchvision import transforms as T
     from torchvision.transforms import v2

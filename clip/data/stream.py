@@ -170,8 +170,14 @@ class ImageBatcher:
         """The stacked batch, on any device, as the transform would have returned it."""
         if self.normalize is None:
             return batch
+        def divisor(value: float) -> torch.Tensor:
+            # On CUDA, dividing by a Python number multiplies by its reciprocal (BinaryDivTrueKernel.cu),
+            # a bit off the CPU transform's division in about half the pixels; a 0-dim tensor filled
+            # on the batch's device is divided by, and filling it copies nothing from the host.
+            return torch.full((), value, dtype=torch.float32, device=batch.device)
+
         # ToTensor divides by 255, v2's ToDtype multiplies by 1/255: the last bits differ.
-        images = batch.to(torch.float32).div_(255) if self.pil_output else self.convert(batch)
+        images = batch.to(torch.float32).div_(divisor(255)) if self.pil_output else self.convert(batch)
         images = images.clone() if images is batch else images  # ToDtype passes float32 through: keep the caller's
         num_channels = images.shape[1]
         means, stds = (values * num_channels if len(values) == 1 else values for values in self.normalize)
@@ -181,7 +187,7 @@ class ImageBatcher:
                 f"for {num_channels}-channel images"
             )
         for channel, (mean, std) in enumerate(zip(means, stds)):
-            images[:, channel].sub_(mean).div_(std)  # Normalize's float32 arithmetic, channel by channel
+            images[:, channel].sub_(mean).div_(divisor(std))  # Normalize's float32 arithmetic, channel by channel
         return images
 
 
