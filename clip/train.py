@@ -270,8 +270,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             _arm_watchdog(cfg.dist.watchdog_s)
             if fault_here and step == cfg.fault.sleep_at_step:
                 time.sleep(cfg.fault.sleep_s)
-            images = loader.finish_images(batch.images.to(device, non_blocking=True))
-            images = images.contiguous(memory_format=image_format)
+            images = loader.finish_images(batch.images.to(device, non_blocking=True, memory_format=image_format))
             texts = prepare_texts(batch.texts, model.eot_token_id, cfg.text_packing_groups, num_microbatches, device)
             interval.count_text(texts, batch.texts, model_config)
             skipped.update(batch.skipped)

@@ -492,8 +492,7 @@ def bench_shards(cfg: TrainConfig, device: torch.device, args: argparse.Namespac
         waited += time.perf_counter() - start
 
     def step() -> torch.Tensor:
-        images = loader.finish_images(batch.images.to(device, non_blocking=True))
-        images = images.contiguous(memory_format=ours.image_format)
+        images = loader.finish_images(batch.images.to(device, non_blocking=True, memory_format=ours.image_format))
         return ours(images, batch.texts, while_running=fetch_next)
 
     for _ in range(args.warmup):

@@ -306,6 +306,8 @@ def test_images_travel_as_uint8_and_finish_bitwise_equal_to_the_transform(make):
     torch.manual_seed(5)
     reference = torch.stack([transform(image) for image in images])
     assert torch.equal(batcher.finish(shipped), reference)
+    channels_last = batcher.finish(shipped.contiguous(memory_format=torch.channels_last))  # ResNets' layout
+    assert channels_last.is_contiguous(memory_format=torch.channels_last) and torch.equal(channels_last, reference)
 
 
 @pytest.mark.parametrize("make", [lambda: image_transform_train(24), lambda: image_transform_eval(24)])

@@ -167,7 +167,8 @@ class ImageBatcher:
         return torch.stack(images)
 
     def finish(self, batch: torch.Tensor) -> torch.Tensor:
-        """The stacked batch, on any device, as the transform would have returned it."""
+        """The stacked batch, on any device and in any memory format (kept), as the transform would
+        have returned it."""
         if self.normalize is None:
             return batch
         def divisor(value: float) -> torch.Tensor:
