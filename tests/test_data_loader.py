@@ -372,6 +372,25 @@ def test_a_users_float_conversion_and_normalize_finish_as_the_transform_does(nam
     assert torch.equal(shipped, kept)  # the caller's batch is left as it was
 
 
+def test_a_compose_subclass_runs_whole_per_image():
+    """A Compose subclass may do more than run its steps (here: clamp after Normalize); splitting its
+    steps would run that on uint8 pixels, so it is applied per image as it is."""
+    from PIL import Image
+    from torchvision import transforms as T
+
+    from clip.data.stream import ImageBatcher
+
+    class Clamped(T.Compose):
+        def __call__(self, image):
+            return super().__call__(image).clamp(-1, 1)
+
+    transform = Clamped([T.CenterCrop(24), T.ToTensor(), T.Normalize(OPENAI_MEAN, OPENAI_STD)])
+    images = [Image.open(io.BytesIO(tiny_jpeg(i, size=40))).convert("RGB") for i in range(2)]
+    batcher = ImageBatcher(transform)
+    finished = batcher.finish(batcher.stack([batcher(image) for image in images]))
+    assert torch.equal(finished, torch.stack([transform(image) for image in images]))
+
+
 def test_the_loader_ships_uint8_and_finishes_on_the_model_side(tmp_path):
     make_shards(str(tmp_path), 1, 8)
     loader = build_train_loader(data_config(f"{tmp_path}/shard-000.tar"), **loader_kwargs())

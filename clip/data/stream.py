@@ -139,7 +139,8 @@ class ImageBatcher:
         from torchvision import transforms as T
         from torchvision.transforms import v2
 
-        steps = getattr(transform, "transforms", None) if isinstance(transform, (T.Compose, v2.Compose)) else None
+        # Only the plain classes: a subclass may do more in __call__ than run its steps.
+        steps = transform.transforms if type(transform) in (T.Compose, v2.Compose) else None
         convert, normalize = steps[-2:] if steps and len(steps) >= 2 else (None, None)
         to_tensor = isinstance(convert, T.ToTensor) and isinstance(normalize, T.Normalize)
         to_dtype = isinstance(convert, v2.ToDtype) and isinstance(normalize, v2.Normalize)
