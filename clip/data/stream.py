@@ -172,6 +172,7 @@ class ImageBatcher:
         have returned it."""
         if self.normalize is None:
             return batch
+
         def divisor(value: float) -> torch.Tensor:
             # On CUDA, dividing by a Python number multiplies by its reciprocal (BinaryDivTrueKernel.cu),
             # a bit off the CPU transform's division in about half the pixels; a 0-dim tensor filled
