@@ -149,9 +149,10 @@ class ImageBatcher:
         if to_tensor or to_dtype:
             self.per_image, self.pil_output = type(transform)(steps[:-2]), to_tensor
             self.convert = None if to_tensor else convert  # v2's scale depends on the input dtype: let it decide
-            # Channel statistics as Python floats: on a GPU batch, tensors made from them each step
-            # would be host-to-device copies that wait for the device. A list, a tuple, a tensor or
-            # (v1) a number, as Normalize takes them; one value stands for every channel.
+            # Channel statistics kept as Python floats, never as host tensors: on a GPU batch a host
+            # tensor would need a copy that waits for the device (`finish` subtracts the floats and
+            # divides by device-filled scalars). Normalize takes a list, a tuple, a tensor or (v1) a
+            # number; one value stands for every channel.
             statistics = (normalize.mean, normalize.std)
             self.normalize = tuple(torch.as_tensor(s, dtype=torch.float64).flatten().tolist() for s in statistics)
 
