@@ -6,8 +6,9 @@ from typing import NamedTuple, Optional, Union
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTENSION = "txt"
-# Expected in img2dataset shards but not used for training: dropped without counting.
-KNOWN_UNUSED_EXTENSIONS = ("json",)
+METADATA_EXTENSION = "json"  # img2dataset's per-sample metadata; only its `uid` is read (clip.data.subset)
+# Expected in img2dataset shards; where a reader does not ask for it, dropped without counting.
+KNOWN_UNUSED_EXTENSIONS = ("json",)  # eval shards: metadata not read
 
 # Why something was skipped; the trainer logs them as `data/skipped/<reason>`.
 SAMPLE_REASONS = ("decode_error", "too_large", "missing_field")  # a sample is lost
@@ -26,6 +27,7 @@ class Record(NamedTuple):
     image: Optional[bytes]
     image_path: Optional[str]  # CSV rows: read at decode time, so skipping records costs no I/O
     caption: str
+    uid: str  # 32 hex digits naming the sample across the pool (clip.data.subset.sample_uid)
 
 
 class SkipEvent(NamedTuple):

@@ -8,6 +8,7 @@ import time
 from typing import Iterator
 
 from clip.data.records import Item, Record, SkipEvent
+from clip.data.subset import uid_from_key
 from clip.data.sources import Shard, is_pipe, local_path
 from clip.data.tar_reader import iter_tar_samples
 
@@ -22,7 +23,7 @@ def _read_csv_chunk(shard: Shard) -> Iterator[Item]:
         elif not image_path or image_path.endswith(("/", os.sep)):
             yield SkipEvent("missing_field", shard.url, key, "empty image path")
         else:
-            yield Record(shard.url, key, None, image_path, caption.strip())
+            yield Record(shard.url, key, None, image_path, caption.strip(), uid_from_key(image_path))  # a path names its image across CSVs
 
 
 def _read_local(shard: Shard, max_member_bytes: int) -> Iterator[Item]:

@@ -17,10 +17,12 @@ from __future__ import annotations
 import posixpath
 from typing import BinaryIO, Iterator, NamedTuple, Optional, Union
 
+from clip.data.subset import sample_uid
 from clip.data.records import (
     CAPTION_EXTENSION,
     IMAGE_EXTENSIONS,
     KNOWN_UNUSED_EXTENSIONS,
+    METADATA_EXTENSION,
     Item,
     Record,
     SkipEvent,
@@ -260,7 +262,9 @@ def _training_sample(group: MemberGroup, url: str, max_member_bytes: int) -> Opt
     if image_ext is not None and CAPTION_EXTENSION in group.members:
         caption = group.members[CAPTION_EXTENSION].data.decode("utf-8", "replace").strip()
         if caption:
-            return Record(url, group.key, group.members[image_ext].data, None, caption)
+            metadata = group.members.get(METADATA_EXTENSION)
+            uid = sample_uid(group.key, metadata.data if metadata is not None else None)
+            return Record(url, group.key, group.members[image_ext].data, None, caption, uid)
         return None if group.cut else SkipEvent("missing_field", url, group.key, "empty caption")
     missing = "image" if image_ext is None else "caption"
     return None if group.cut else SkipEvent("missing_field", url, group.key, f"no {missing} member")
@@ -283,7 +287,7 @@ def iter_tar_samples(
     num_samples = 0
     truncated = False
     groups = iter_member_groups(
-        fileobj, url, extensions=(*IMAGE_EXTENSIONS, CAPTION_EXTENSION), max_member_bytes=max_member_bytes, size=size
+        fileobj, url, extensions=(*IMAGE_EXTENSIONS, CAPTION_EXTENSION, METADATA_EXTENSION), max_member_bytes=max_member_bytes, size=size
     )
     for item in groups:
         if isinstance(item, SkipEvent):
