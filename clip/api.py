@@ -269,7 +269,7 @@ def _fetch_openai_weights(name: str, root: Path) -> Path:
 
 
 def _download(url: str, target: Path, expected_sha256: str) -> None:
-    """Stream `url` to `<target>.tmp`, verify its sha256, then rename it to `target` (RELIABILITY S8)."""
+    """Stream `url` to `<target>.tmp`, verify its sha256, then rename it to `target`: a failed download leaves nothing behind."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(target.name + ".tmp")
     logger.warning("downloading %s to %s", url, target)

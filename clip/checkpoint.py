@@ -7,7 +7,7 @@ Layout of `<output_dir>/checkpoints/`:
     step-120/manifest.json    {file: sha256, bytes}, step, hashes, versions: written LAST
     latest                    "step-120": a convenience pointer for people and tools
 
-Commit protocol (RELIABILITY.md G2): every rank writes into `step-N.tmp/` and fsyncs; rank 0 writes
+Commit protocol (docs/guarantees.md, atomic checkpoints): every rank writes into `step-N.tmp/` and fsyncs; rank 0 writes
 the manifest, fsyncs it, renames the directory to `step-N` and fsyncs the parent; only then is the
 `latest` pointer replaced, and only then are old checkpoints deleted. A directory without a readable
 manifest is not a checkpoint, so a crash at any instant leaves the previous checkpoint in charge.
@@ -260,7 +260,7 @@ def verify_files(path: str | Path, names: list[str]) -> None:
 
 def load_file(path: str | Path) -> Any:
     """A checkpoint file, tensors and primitives only: `torch.load(weights_only=True)`, never a fallback;
-    anything else raises UnsafeCheckpointError (S1)."""
+    anything else raises UnsafeCheckpointError."""
     return load_torch_file(path)
 
 

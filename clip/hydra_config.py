@@ -27,11 +27,11 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from clip.config import ConfigError, TrainConfig, TrainModelConfig, validate_train_config
 from clip.models.registry import get_model_config, list_models
 
-# A key's last segment that names a credential (S6): such keys are refused, never stored or echoed.
+# A key's last segment that names a credential : such keys are refused, never stored or echoed.
 SECRET_KEY_PATTERN = re.compile(r"(?i)(^|[_-])(api[_-]?key|access[_-]?key|token|secret|password|passwd|credentials?)$")
 
-# Hydra sweeps would run jobs without the up-front checks (G15) and write every override to
-# multirun.yaml (S6); one launch per setting is as easy and keeps both guarantees.
+# Hydra sweeps would run jobs without the up-front config checks and write every override to
+# multirun.yaml, secrets included; one launch per setting is as easy and keeps both guarantees.
 MULTIRUN_REFUSED = (
     "Hydra multirun (-m, hydra.mode=MULTIRUN) is not supported: launch one run per setting instead, each with "
     "its own output_dir (a shell loop, or a SLURM job array)"

@@ -1,7 +1,7 @@
 """Metrics and console output on rank 0; a no-op on every other rank.
 
 Every metric event goes to `<output_dir>/metrics.jsonl` (one JSON object per line with `step`), and
-optionally to wandb. A tracker can never kill or stall training (RELIABILITY.md G14): it runs in a
+optionally to wandb. A tracker can never kill or stall training (docs/guarantees.md): it runs in a
 background thread behind a bounded queue; an `init` that fails falls back to no tracker, a `log`
 that raises is counted and warned about, a `log` that hangs only fills the queue, after which
 events are dropped (and counted), and `close` waits a bounded time. The JSONL file is the record.

@@ -7,7 +7,7 @@ Inputs are caption files (UTF-8, one caption per line) and WebDataset shards (.t
 members are the captions; brace patterns are expanded as training's shard specs are, and every
 input must exist before training starts. Shards are streamed with `tarfile`: nothing is extracted to disk, only
 regular `.txt` members are read, each at most --max-text-bytes, and no other member is decoded
-(RELIABILITY S4/S5). Captions are cleaned exactly as at tokenization time (`clip.tokenizer.clean_text`:
+(nothing is unpickled; unsafe members are skipped). Captions are cleaned exactly as at tokenization time (`clip.tokenizer.clean_text`:
 ftfy, HTML unescaping, whitespace collapsed), then lowercased unless --cased.
 
 The result is a lossless byte-level BPE (any text encodes, and decoding gives back the cleaned

@@ -15,7 +15,7 @@ fraction of a second (a spawned worker re-imports torch: seconds each on a loade
 worker gets the test process's current environment variables; what a process reads only at its
 start (LD_PRELOAD, MALLOC_* tunables) comes from the forkserver's start instead.
 
-Hygiene learned the hard way (RELIABILITY.md 2.0): a fresh free port per run,
+Hygiene learned the hard way (docs/guarantees.md, last section): a fresh free port per run,
 GLOO_SOCKET_IFNAME=lo, a 60 s process-group timeout, faulthandler in every worker (a hung
 collective prints every thread's stack and exits), a deadline for the whole run, and fail-fast:
 the first rank that raises has its traceback re-raised in the test and the other ranks are

@@ -1,4 +1,4 @@
-"""Hostile inputs for security tests (RELIABILITY S1)."""
+"""Hostile inputs for security tests (weights_only loading)."""
 
 import os
 

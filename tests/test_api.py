@@ -34,7 +34,7 @@ def test_cached_file_with_wrong_hash_is_refused(tmp_path):
 
 
 def test_a_download_with_the_wrong_hash_never_takes_the_final_name(tmp_path, monkeypatch):
-    # S8: streamed to <name>.tmp, verified, only then renamed; a bad download leaves nothing behind.
+    # Verified downloads: streamed to <name>.tmp, verified, only then renamed; a bad download leaves nothing behind.
     requested = []
 
     def urlopen(url, timeout):

@@ -1,4 +1,4 @@
-"""Checkpoint commit protocol, retention, verification and RNG state (RELIABILITY.md G2, G3, S1)."""
+"""Checkpoint commit protocol, retention, verification and RNG state."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def test_save_writes_manifest_last_and_everything_loads_with_weights_only(tmp_pa
     assert manifest["step"] == 7 and manifest["format_version"] == ckpt.FORMAT_VERSION and manifest["run_id"] == "r"
     assert set(manifest["files"]) == {"train_state.pt", "rank-0.pt"}
     for name in manifest["files"]:
-        torch.load(path / name, weights_only=True)  # tensors and primitives only (S1)
+        torch.load(path / name, weights_only=True)  # tensors and primitives only
     state, rank_state = ckpt.load_checkpoint(path, rank=0)
     assert torch.equal(state["model"]["w"], torch.full((3,), 7.0)) and rank_state["data"] == {"next_batch": 7}
 
@@ -118,7 +118,7 @@ def test_retention_keeps_the_newest_and_survives_failed_deletes(tmp_path, monkey
 
 
 def test_save_follows_the_commit_protocol_order(tmp_path, monkeypatch):
-    """G2: files fsynced, then the manifest, then the rename and a directory fsync; then `latest`; then deletions."""
+    """Files fsynced, then the manifest, then the rename and a directory fsync; then `latest`; then deletions."""
     _save(tmp_path, 10, keep_last=2)
     _save(tmp_path, 20, keep_last=2)
     events = []

@@ -1,7 +1,7 @@
 """Configs: every recipe composes into the typed TrainConfig; mistakes fail before any work, naming the key.
 
 Compositions use Hydra's compose API in-process; the exit-code checks run the real entry point
-(RELIABILITY.md G15, S6).
+(docs/guarantees.md: config errors first, no secrets stored).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The image decoder shared by training and eval: formats, the pixel cap from the header, RGB output (S4)."""
+"""The image decoder shared by training and eval: formats, the pixel cap from the header, RGB output; nothing unpickled."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The training loader: skip accounting (G8, G9), exact epochs across ranks and workers (G5, G7), resume."""
+"""The training loader: skip accounting, exact epochs across ranks and workers, resume."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def flat(batches):
 
 @pytest.fixture
 def faulty_shards(tmp_path):
-    """G8's recipe: A has 5 corrupt images; B is cut at a header boundary (the silent case), C mid-member;
+    """Corrupt data: A has 5 corrupt images; B is cut at a header boundary (the silent case), C mid-member;
     plus D, whose samples 7 and 8 have no caption."""
     keys = {name: [f"{name}-{i:03d}" for i in range(100)] for name in "ABCD"}
     for name in "ABC":
@@ -113,7 +113,7 @@ def test_two_ranks_two_workers_see_every_sample_once_per_epoch(tmp_path):
 
 
 def test_uneven_ranks_stop_together_at_the_planned_step(tmp_path):
-    """G7, loader side: the rank with more data stops at the common step count instead of running on."""
+    """No hang on uneven data, loader side: the rank with more data stops at the common step count instead of running on."""
     make_shards(str(tmp_path), 2, [30, 10])
     cfg = data_config(f"{tmp_path}/shard-{{000..001}}.tar")
     per_rank, loaders = run_epoch_on_ranks(cfg, world_size=2, batch_size=5, epochs=2)
@@ -122,7 +122,7 @@ def test_uneven_ranks_stop_together_at_the_planned_step(tmp_path):
 
 
 def test_resume_mid_epoch_keeps_the_planned_epoch_length(tmp_path):
-    """G5 + G7: a rank with more data than the planned steps still ends the resumed epoch at the planned step."""
+    """Exact data position with uneven data: a rank with more data than the planned steps still ends the resumed epoch at the planned step."""
     make_shards(str(tmp_path), 2, [30, 10])
     cfg = data_config(f"{tmp_path}/shard-{{000..001}}.tar")
     kwargs = loader_kwargs(batch_size=5, rank=0, world_size=2)  # rank 0 has 6 batches, the plan 2
@@ -136,7 +136,7 @@ def test_resume_mid_epoch_keeps_the_planned_epoch_length(tmp_path):
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_resume_mid_epoch_yields_exactly_the_remaining_batches(tmp_path, num_workers):
-    """G5: stop after 7 batches, save the state through a weights_only checkpoint, resume in a new loader."""
+    """Exact data position: stop after 7 batches, save the state through a weights_only checkpoint, resume in a new loader."""
     make_shards(str(tmp_path), 8, 25)
     cfg = data_config(f"{tmp_path}/shard-{{000..007}}.tar", num_workers=num_workers)
     for rank in range(2):
@@ -182,7 +182,7 @@ def test_mixing_weights_are_respected(tmp_path):
 
 
 def test_unreadable_shard_is_skipped_and_counted(tmp_path, caplog):
-    """G9: a shard vanishing after startup costs its samples, not the run."""
+    """A shard vanishing after startup costs its samples, not the run."""
     paths = make_shards(str(tmp_path), 4, 6)
     cfg = data_config(f"{tmp_path}/shard-{{000..003}}.tar", max_unreadable_shards=1)  # exactly at the limit
     loader = build_train_loader(cfg, **loader_kwargs(batch_size=1))
@@ -404,7 +404,7 @@ def test_the_loader_ships_uint8_and_finishes_on_the_model_side(tmp_path):
 
 
 def test_pickled_members_never_run_through_the_whole_pipeline(tmp_path):
-    """S4 end to end: a shard with malicious .pyd/.pth members yields its samples and counts the rest."""
+    """End to end: a shard with malicious .pyd/.pth members yields its samples and counts the rest."""
     import pickle
 
     from payloads import SystemCallPayload

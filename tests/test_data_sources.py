@@ -1,4 +1,4 @@
-"""Shard specs, startup checks and their error messages (G7, G9, S3)."""
+"""Shard specs, startup checks and their error messages."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def test_unset_train_shards_names_the_key(spec):
 
 
 def test_missing_local_shard_is_a_config_error_naming_key_and_path(tmp_path):
-    """G9/G15(e): a missing local shard at startup."""
+    """A missing local shard at startup."""
     make_shards(str(tmp_path), 3, 2)
     cfg = DataConfig(train_shards=f"{tmp_path}/shard-{{000..003}}.tar", num_workers=0)
     with pytest.raises(DataConfigError, match=r"data\.train_shards: 1 shard\(s\) do not exist: .*shard-003\.tar"):
@@ -54,7 +54,7 @@ def test_missing_local_shard_is_a_config_error_naming_key_and_path(tmp_path):
 
 
 def test_pipe_urls_need_opt_in_and_never_run_at_check_time(tmp_path):
-    """S3: `pipe:` is a shell command; rejected unless data.allow_pipe_urls, and never from a list file."""
+    """`pipe:` is a shell command; rejected unless data.allow_pipe_urls, and never from a list file."""
     marker = tmp_path / "marker"
     cfg = DataConfig(train_shards=f"pipe:touch {marker}", resampled=True)
     with pytest.raises(DataConfigError, match=r"data\.train_shards.*pipe:.*data\.allow_pipe_urls=true"):
@@ -83,7 +83,7 @@ def test_epoch_mode_needs_sample_counts(tmp_path):
 
 
 def test_too_few_shards_for_the_readers_fails_before_any_process_group(tmp_path):
-    """G7: the exact startup message."""
+    """Impossible sharding: the exact startup message."""
     make_shards(str(tmp_path), 3, 2)
     cfg = DataConfig(train_shards=f"{tmp_path}/shard-{{000..002}}.tar", num_workers=2)
     with pytest.raises(DataConfigError) as error:

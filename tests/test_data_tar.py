@@ -1,4 +1,4 @@
-"""The tar reader: exact truncation detection, member safety (S4, S5), sample grouping."""
+"""The tar reader: exact truncation detection, member safety, sample grouping."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def test_long_member_names_in_every_tar_format(tmp_path, fmt):
 
 
 def test_every_cut_point_is_detected_and_complete_samples_survive(tmp_path):
-    """G8: Python's streaming tarfile ends silently at many cut points; this reader never does."""
+    """Python's streaming tarfile ends silently at many cut points; this reader never does."""
     full = str(tmp_path / "full.tar")
     keys = [f"k{i}" for i in range(4)]
     write_shard(full, keys)
@@ -141,7 +141,7 @@ def test_missing_and_empty_fields(tmp_path):
 
 
 def test_pickle_members_are_never_decoded(tmp_path):
-    """S4: webdataset's default .decode() would unpickle these; here they are counted and dropped."""
+    """Webdataset's default .decode() would unpickle these; here they are counted and dropped."""
     marker = tmp_path / "marker"
     payload = pickle.dumps(SystemCallPayload(marker))
     path = str(tmp_path / "evil.tar")
@@ -160,7 +160,7 @@ def test_pickle_members_are_never_decoded(tmp_path):
 
 
 def test_unsafe_members_are_skipped_without_touching_the_filesystem(tmp_path):
-    """S5: `..` and absolute names, links and a 200 MB member: skipped, counted, nothing written, little memory."""
+    """`..` and absolute names, links and a 200 MB member: skipped, counted, nothing written, little memory."""
     path = str(tmp_path / "hostile.tar")
     with open(path, "wb") as f, tarfile.open(fileobj=f, mode="w") as tar:
         add_member(tar, "000.jpg", tiny_jpeg(1))

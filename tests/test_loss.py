@@ -1,6 +1,6 @@
 """Contrastive losses: parity with OpenCLIP on one process, and exactness across ranks.
 
-"Exact across ranks" (RELIABILITY G12): W ranks, each holding N / W pairs, give after DDP's
+"Exact across ranks": W ranks, each holding N / W pairs, give after DDP's
 gradient averaging the loss and gradients of one process holding all N pairs. Without a model,
 DDP's averaging is applied by hand: the mean of the ranks' losses and temperature/bias
 gradients, and each rank's feature gradient divided by W (what DDP's 1/W does downstream).
@@ -29,7 +29,7 @@ CASES = {
     "siglip": ("siglip", 0),
     "siglip-chunked": ("siglip", 5),
 }
-TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5}  # max relative error, G12
+TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5}  # max relative error
 
 
 def make_inputs(dtype: torch.dtype, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -2,7 +2,7 @@
 
 Every run is a subprocess (`python scripts/train.py ...` or `torchrun ...`) on small synthetic
 WebDataset shards; a crashed run is relaunched with the same command, as SLURM or Kubernetes would
-(RELIABILITY.md G1, G2, G6, G10, G13). Fault hooks (`fault.*`) put each failure at an exact step or
+(docs/guarantees.md: bitwise resume, atomic checkpoints, preemption, non-finite steps, a failing rank fails fast). Fault hooks (`fault.*`) put each failure at an exact step or
 checkpoint phase.
 """
 
@@ -169,7 +169,7 @@ def is_running(pid: int) -> bool:
 
 
 def test_signals_to_data_workers_leave_training_unaffected(shards, reference, tmp_path):
-    # G6 (c). The run sleeps in step 4, so the signals surely arrive while it is training.
+    # Preemption, a signal to the data workers. The run sleeps in step 4, so the signals surely arrive while it is training.
     process = start_run(train_args(shards, tmp_path, *COMMON, "fault.sleep_at_step=4", "fault.sleep_s=2"))
     wait_for_step(process, tmp_path, 3)
     workers = data_workers(process)
@@ -186,7 +186,7 @@ def test_signals_to_data_workers_leave_training_unaffected(shards, reference, tm
 
 
 def test_sigterm_to_the_whole_process_group_checkpoints_exits_143_and_resumes_bitwise(shards, reference, tmp_path):
-    # G6 (a), with the signal delivered as SLURM delivers it: to the trainer and its data workers.
+    # Preemption of one process, with the signal delivered as SLURM delivers it: to the trainer and its data workers.
     # The run sleeps in step 5, so the stop request arrives during that step, wherever the workers are.
     process = start_run(train_args(shards, tmp_path, *COMMON, "fault.sleep_at_step=5", "fault.sleep_s=2"))
     wait_for_step(process, tmp_path, 4)
@@ -224,7 +224,7 @@ def _fake_slurm_bin(directory: Path) -> Path:
 
 
 def test_sbatch_script_turns_slurm_sigusr1_into_a_checkpoint(shards, tmp_path):
-    # G6 under scripts/slurm/train.sbatch: SLURM's --signal=USR1@90 reaches the job step's task, the
+    # Preemption under scripts/slurm/train.sbatch: SLURM's --signal=USR1@90 reaches the job step's task, the
     # torchrun agent, which must forward it to its worker (an agent that does not handle SIGUSR1 dies
     # of it, and the step's processes with it, before any checkpoint).
     with socket.socket() as probe:

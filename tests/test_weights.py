@@ -1,4 +1,4 @@
-"""Safe reading, strict loading, config checks and the export format (RELIABILITY S1, S2, G16)."""
+"""Safe reading, strict loading, config checks and the export format."""
 
 import json
 import logging

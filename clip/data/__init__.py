@@ -14,7 +14,7 @@ from clip.data.stream import Batch
 
 
 def check_train_data(data_cfg: DataConfig, *, world_size: int) -> None:
-    """Startup checks to run before any process-group work (G7, G9, S3).
+    """Startup checks to run before any process-group work.
 
     Raises DataConfigError naming the `data.<key>` to fix: unset or malformed `data.train_shards`, a
     missing local shard, list or CSV file, a `pipe:` URL without `data.allow_pipe_urls`, epoch mode

@@ -3,7 +3,7 @@
 Only PIL's JPEG, PNG and WebP decoders ever run: left to itself, PIL picks any of its plugins from the
 bytes, whatever the member is called (EPS, for one, hands the data to Ghostscript). The pixel count is
 checked from the header before any pixel is decoded, so a small file claiming a huge image costs
-nothing (RELIABILITY S4). Callers decide what a failure means: training counts a skip event, eval
+nothing. Callers decide what a failure means: training counts a skip event, eval
 logs and skips the sample.
 """
 

@@ -15,7 +15,7 @@ Formats, detected by `load_classification_set` and `load_retrieval_set`:
 A sample is `(image_tensor, target)`: an int class index, or a list of captions for retrieval.
 Tar shards (uncompressed) are read with the training pipeline's reader (`clip.data.tar_reader`), not
 webdataset: only image, `cls` and `txt` members of regular files under a size cap are read, nothing is
-unpickled (RELIABILITY S4, S5), images are decoded by `clip.data.decode`, and a shard without its
+unpickled, unsafe members are skipped, images are decoded by `clip.data.decode`, and a shard without its
 end-of-archive marker is an error (a cut at a member boundary is otherwise silent).
 """
 
@@ -279,7 +279,7 @@ def _cifar_set(path: Path, transform: Transform, name: str | None, split: str) -
 def expand_shards(spec: str | Sequence[str]) -> list[str]:
     """Local shard paths from a path, a glob, a brace pattern (`eval-{000..009}.tar`) or a list.
 
-    Eval data is local: URLs and `pipe:` commands are refused (RELIABILITY S3)."""
+    Eval data is local: URLs and `pipe:` commands are refused."""
     specs = [spec] if isinstance(spec, (str, Path)) else list(spec)
     shards: list[str] = []
     for item in map(str, specs):
@@ -347,7 +347,7 @@ class TarEvalDataset(IterableDataset):
             raise RuntimeError(f"cannot read eval shard {shard}: {error}") from error
 
     def _check(self, shard: str, event: SkipEvent) -> None:
-        # A truncated eval set would give wrong metrics without a word: it is an error (G8).
+        # A truncated eval set would give wrong metrics without a word: it is an error.
         if event.reason == "truncated_shard":
             raise RuntimeError(f"cannot read eval shard {shard}: {event.detail}")
         if event.reason == "unsafe_member":

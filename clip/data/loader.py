@@ -3,8 +3,8 @@
 Each reader (one DataLoader worker) sends batches tagged with its position. This process takes them
 round-robin, so the sequence of batches is a pure function of the data and the seed, and records a
 reader's position only when the trainer receives its batch: `state_dict()` is the position after the
-last batch handed out, never what workers have prefetched (G5). Skip counts and shard-level errors ride
-on the batches (G8); too many of them stop the run with an error naming the worst shards.
+last batch handed out, never what workers have prefetched, so a resume repeats and skips nothing. Skip counts and shard-level errors ride
+on the batches; too many of them stop the run with an error naming the worst shards.
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ def readers_per_rank(num_workers: int) -> int:
 
 
 def check_reader_count(num_shards: int, world_size: int, num_workers: int) -> None:
-    """G7: in epoch mode every reader needs at least one shard, or some rank would wait for data forever."""
+    """In epoch mode every reader needs at least one shard, or some rank would wait for data forever."""
     readers = world_size * readers_per_rank(num_workers)
     if num_shards < readers:
         raise DataConfigError(

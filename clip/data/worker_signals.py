@@ -1,4 +1,4 @@
-"""DataLoader workers that survive a SIGTERM sent to the whole job (RELIABILITY.md G6).
+"""DataLoader workers that survive a SIGTERM sent to the whole job (preemption: docs/guarantees.md).
 
 torch gives every DataLoader worker a SIGTERM handler (torch/csrc/DataLoader.cpp): a SIGTERM from
 the worker's parent makes it exit quietly (that is how the loader and multiprocessing stop workers);

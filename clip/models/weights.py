@@ -1,8 +1,8 @@
 """Model weights in and out: safe file readers, strict loading, config checks and the export format.
 
 Nothing here executes code from a file: `.pt`/`.bin` files are read with `torch.load(weights_only=True)`
-and never retried without it (RELIABILITY S1); `.safetensors` files have their header checked against
-the file size before any tensor is read (S2). TorchScript archives have their own reader in
+and never retried without it (docs/guarantees.md); `.safetensors` files have their header checked against
+the file size before any tensor is read. TorchScript archives have their own reader in
 `clip.models.torchscript`.
 
 The export format is one safetensors file: the state dict in OpenAI's key layout (so OpenAI-layout
@@ -48,7 +48,7 @@ class CheckpointError(Exception):
 
 
 class UnsafeCheckpointError(CheckpointError):
-    """The file's pickle wants to build objects other than tensors and plain containers (S1)."""
+    """The file's pickle wants to build objects other than tensors and plain containers (a `weights_only` load refused it)."""
 
 
 class CheckpointFormatError(CheckpointError):
@@ -56,14 +56,14 @@ class CheckpointFormatError(CheckpointError):
 
 
 class CheckpointMismatchError(CheckpointError):
-    """The checkpoint was made for another architecture than the model it is loaded into (G16)."""
+    """The checkpoint was made for another architecture than the model it is loaded into."""
 
 
 # --------------------------------------------------------------------------------------------- readers
 
 
 def load_torch_file(path: PathLike) -> Any:
-    """`torch.load` a file we did not write, with `weights_only=True` and no fallback (S1).
+    """`torch.load` a file we did not write, with `weights_only=True` and no fallback.
 
     Tensors, dicts, lists and primitives come back; anything that would build another object raises
     `UnsafeCheckpointError` naming the refused global, before that object is built.
@@ -88,7 +88,7 @@ _SAFETENSORS_DTYPE_BYTES = {
 
 
 def read_safetensors_header(path: PathLike) -> tuple[dict[str, dict], dict[str, str]]:
-    """Parse and validate a safetensors header without reading tensor data (S2).
+    """Parse and validate a safetensors header without reading tensor data.
 
     Returns (tensor entries {name: {dtype, shape, data_offsets}}, metadata). Checks that the header fits
     in the file, that every tensor's byte range matches its dtype and shape, and that the ranges cover the
@@ -195,7 +195,7 @@ def check_model_config(
 ) -> None:
     """Raise `CheckpointMismatchError` if `stored` (a config dict from a checkpoint) is not `current`'s architecture.
 
-    Call it before reading tensors (G16). Fields in `ADAPTABLE_CONFIG_FIELDS` may differ.
+    Call it before reading tensors. Fields in `ADAPTABLE_CONFIG_FIELDS` may differ.
     """
     diffs = config_differences(stored, current)
     if diffs:
