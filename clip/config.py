@@ -251,7 +251,6 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 PARALLELISMS = ("ddp", "fsdp")
 LR_SCHEDULES = ("cosine", "constant")
 WANDB_MODES = ("disabled", "offline", "online")
-RESUME_MODES = ("auto", "never")  # or a checkpoint path
 
 
 @dataclass
@@ -262,6 +261,11 @@ class TrainModelConfig(ModelConfig):
     """
 
     name: str = ""
+
+
+def to_model_config(cfg: TrainModelConfig) -> ModelConfig:
+    """The architecture without the trainer's `name` record (what CLIP and exports take)."""
+    return ModelConfig(**{f.name: getattr(cfg, f.name) for f in fields(ModelConfig)})
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Ranks, collectives, process groups and model wrapping: the only reader of RANK / WORLD_SIZE.
+"""Ranks, collectives and process groups: the only reader of RANK / WORLD_SIZE.
 
 The rest of the library asks here instead of reading RANK/WORLD_SIZE or calling torch.distributed
 itself, so a single process without a process group is simply world size 1 and rank 0.
@@ -11,7 +11,6 @@ no process group.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -19,7 +18,6 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as functional_collectives
-from torch import nn
 
 from clip.config import DistConfig
 
@@ -116,7 +114,7 @@ def barrier() -> None:
 
 @dataclass(frozen=True)
 class HostFlags:
-    """What every rank must know before the next step starts (RELIABILITY.md 2.0): host facts, so
+    """What every rank must know before the next step starts: host facts, so
     agreeing on them never waits for a device."""
 
     has_batch: bool  # every rank has its next batch (else all end the epoch together)
@@ -155,65 +153,23 @@ def _host_group() -> dist.ProcessGroup:
     return _HOST_GROUP[1]
 
 
-@dataclass(frozen=True)
-class StepReport:
-    """One step's numbers as the host reads them: the same on every rank."""
+def all_gather_on_device(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's `x` [n] concatenated in rank order -> [world_size * n], without gradient.
 
-    finite: bool  # loss and gradient norm are finite on every rank
-    nonfinite_ranks: tuple[int, ...]
-    losses: tuple[float, ...]  # each rank's loss of the step
-    grad_norm: float  # the global gradient norm (rank 0's; every rank computes the same after the reduction)
-
-    @property
-    def mean_loss(self) -> float:
-        return sum(self.losses) / len(self.losses)
+    A collective on the tensor's device: under NCCL it is queued behind the work already there, and
+    the host does not wait for it."""
+    if not is_distributed():
+        return x
+    gathered = x.new_empty(dist.get_world_size() * x.numel())
+    dist.all_gather_single(gathered, x.contiguous().view(-1))
+    return gathered
 
 
-class StepOutcome:
-    """Every rank's loss and gradient norm of one step, gathered and judged on the device.
-
-    `skip` is a 0-dim float32 device tensor, 1.0 when any rank's loss or gradient norm is
-    non-finite: the optimizer can skip the update on it (clip.train.apply_update) without the host
-    waiting for the step to finish. The numbers are copied to the host as soon as the device has
-    them; `report()` reads them, best once the device is busy with a later step (the trainer reads
-    step N while step N+1 runs), when the copy has long finished and the device never idles.
-    An all-gather rather than a reduction, so that a report can name the non-finite rank.
-    """
-
-    def __init__(self, loss: torch.Tensor, grad_norm: torch.Tensor):
-        values = torch.stack([loss.detach().reshape(()), grad_norm.detach().reshape(())]).float()  # [2]
-        if is_distributed():
-            gathered = values.new_empty(dist.get_world_size() * 2)
-            dist.all_gather_single(gathered, values)
-            values = gathered
-        values = values.view(-1, 2)  # [W, 2]: loss, grad_norm
-        self.skip = torch.isfinite(values).all().logical_not().float()
-        # A non-blocking copy to the CPU lands in pinned memory; the event marks its end.
-        self._host_values = values.to("cpu", non_blocking=True)
-        self._copied = None
-        if values.device.type == "cuda":
-            self._copied = torch.cuda.Event()
-            self._copied.record()
-
-    def report(self) -> StepReport:
-        """The step's numbers on the host (waits for the copy if the device has not finished it)."""
-        if self._copied is not None:
-            self._copied.synchronize()
-        rows = self._host_values.tolist()
-        finite = [math.isfinite(loss) and math.isfinite(grad_norm) for loss, grad_norm in rows]
-        return StepReport(
-            finite=all(finite),
-            nonfinite_ranks=tuple(rank for rank, ok in enumerate(finite) if not ok),
-            losses=tuple(loss for loss, _ in rows),
-            grad_norm=rows[0][1],
-        )
-
-
-def _average_gradient(param: torch.Tensor) -> None:
-    # Averaging is linear, so a gradient accumulated over several backward passes may be averaged
-    # after each of them: already-averaged parts are equal on all ranks and stay unchanged.
-    dist.all_reduce(param.grad)
-    param.grad.div_(dist.get_world_size())
+def average_across_ranks_(tensor: torch.Tensor) -> None:
+    """In place: the mean of `tensor` over all ranks (a SUM all-reduce, then a division)."""
+    if is_distributed():
+        dist.all_reduce(tensor)
+        tensor.div_(dist.get_world_size())
 
 
 def all_ranks_agree(ok: bool, device: torch.device) -> bool:
@@ -223,38 +179,6 @@ def all_ranks_agree(ok: bool, device: torch.device) -> bool:
     flag = torch.tensor([int(ok)], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
-
-
-def apply_data_parallel(model: nn.Module, cfg: DistConfig, device: torch.device) -> nn.Module:
-    """Wrap the (already checkpointed and compiled) model for data parallelism: DDP or FSDP2.
-
-    FSDP2 shards every residual attention block of both towers, then the rest of the model
-    (embeddings, projections, a ResNet or timm trunk) as one unit. FSDP2 cannot shard scalars
-    (logit_scale, logit_bias): they stay replicated and their gradients are averaged by a hook.
-    A world of one is left unwrapped.
-    """
-    if not is_distributed():
-        return model
-    if cfg.parallel == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        from clip.models.layers import ResidualAttentionBlock
-
-        for module in model.modules():
-            if isinstance(module, ResidualAttentionBlock):
-                fully_shard(module)
-        scalars = {param for param in model.parameters() if param.ndim == 0}
-        for param in scalars:
-            if param.requires_grad:
-                param.register_post_accumulate_grad_hook(_average_gradient)
-        return fully_shard(model, ignored_params=scalars)
-    from torch.nn.parallel import DistributedDataParallel
-
-    # gradient_as_bucket_view: the gradients live in DDP's communication buckets instead of being
-    # copied into them, which saves one fp32 copy of the gradients and a memcpy per step.
-    return DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True
-    )
 
 
 def sum_across_ranks(values: list[float], device: torch.device) -> list[float]:

@@ -17,14 +17,22 @@ from typing import ContextManager
 
 import torch
 
-_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # keys: clip.config.PRECISIONS
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The dtype matmuls autocast to under `precision` ("fp32", "bf16", "fp16"); None for fp32."""
+    if precision not in _AUTOCAST_DTYPES:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(_AUTOCAST_DTYPES)}")
+    return _AUTOCAST_DTYPES[precision]
 
 
 def get_autocast(precision: str, device: torch.device) -> Callable[[], ContextManager]:
     """A factory of fresh autocast contexts (one per forward pass) for this precision."""
-    if precision == "fp32":
+    dtype = autocast_dtype(precision)
+    if dtype is None:
         return contextlib.nullcontext
-    return functools.partial(torch.autocast, device_type=device.type, dtype=_AUTOCAST_DTYPES[precision])
+    return functools.partial(torch.autocast, device_type=device.type, dtype=dtype)
 
 
 def build_grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:

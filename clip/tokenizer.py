@@ -29,7 +29,7 @@ import re
 import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Union
+from typing import Union
 
 import ftfy
 import numpy as np
@@ -37,8 +37,7 @@ import regex
 import tokenizers
 import torch
 
-if TYPE_CHECKING:
-    from clip.config import TextConfig
+from clip.config import ConfigError, TextConfig
 
 OPENAI = "openai"
 DEFAULT_CONTEXT_LENGTH = 77
@@ -387,14 +386,14 @@ def get_tokenizer(source: Union[str, "TextConfig"] = OPENAI) -> Tokenizer:
     return _load(source, DEFAULT_CONTEXT_LENGTH)
 
 
-def _check_text_config(tokenizer: Tokenizer, cfg: "TextConfig", prefix: str = "model.text") -> None:
+def _check_text_config(tokenizer: Tokenizer, cfg: TextConfig, prefix: str = "model.text") -> None:
     if tokenizer.vocab_size > cfg.vocab_size:
-        raise ValueError(
+        raise ConfigError(
             f"{prefix}.vocab_size={cfg.vocab_size} is smaller than the {tokenizer.vocab_size} ids of "
             f"{prefix}.tokenizer={cfg.tokenizer!r}"
         )
     if tokenizer.eot_token_id != cfg.eot_token_id:
-        raise ValueError(
+        raise ConfigError(
             f"{prefix}.eot_token_id={cfg.eot_token_id}, but {prefix}.tokenizer={cfg.tokenizer!r} ends texts "
             f"with id {tokenizer.eot_token_id}"
         )

@@ -4,11 +4,12 @@
     PYTHONPATH=. python scripts/bench_train.py --model ViT-B-16 --batch 256 --compile --open-clip   # on a GPU
     PYTHONPATH=. python scripts/bench_train.py --model ViT-B-32 --batch 64 --shards '/data/{00000..00007}.tar'
 
-**Our step** is the trainer's own, on the module `clip.train.build_train_module` builds (channels_last
-for ResNets, activation checkpointing, torch.compile): `train_step` (forward, fp32 loss, backward,
-gradient norm clipped to 1.0), `StepOutcome` (the all-gather and finiteness verdict on the device),
-`apply_update` (fused AdamW skipped on the device by that verdict, temperature clamp), `zero_grad`,
-then the host's read of the previous step's numbers, as the trainer does (no step waits for its own).
+**Our step** is the trainer's own object, `clip.step.TrainStep`, on the module
+`clip.parallelize.build_train_module` builds (channels_last for ResNets, activation checkpointing,
+torch.compile): the batch prepared (text packed on the host), forward, fp32 loss, backward, gradient
+norm clipped to 1.0, the all-gather and finiteness verdict on the device, fused AdamW skipped on the
+device by that verdict, the temperature clamp; then, as the trainer does, the host's read of the
+previous step's numbers (`clip.step.StepLedger`: no step waits for its own).
 
 **OpenCLIP's step** (`--open-clip`; open_clip_torch is a test-only reference) is `open_clip_train`'s
 with its best flags: a model built from the same config (`tests/references.py`) holding our initial
@@ -74,15 +75,15 @@ from typing import Callable, Optional
 
 import torch
 
-from clip.config import LossConfig, OptimConfig, TrainConfig, TrainModelConfig
-from clip.distributed import StepOutcome
+from clip.config import LossConfig, NanConfig, OptimConfig, TrainConfig, TrainModelConfig, to_model_config
 from clip.flops import get_mfu, get_peak_flops, skipped_text_flops, training_flops_per_sample
 from clip.loss import build_loss
 from clip.models import CLIP, get_model_config
 from clip.models.text_packing import pack_text
-from clip.objective import prepare_texts
+from clip.optim import build_optimizer
+from clip.parallelize import build_train_module
 from clip.precision import build_grad_scaler, get_autocast
-from clip.train import apply_update, build_optimizer, build_train_module, to_model_config, train_step
+from clip.step import Progress, StepLedger, TrainStep
 
 MIB = 2**20
 
@@ -133,21 +134,25 @@ def synthetic_batch(
 
 
 class OurStep:
-    """The trainer's training step (see the module docstring)."""
+    """The trainer's training step, `clip.step.TrainStep` (see the module docstring)."""
 
     name = "ours"
 
-    def __init__(self, cfg: TrainConfig, device: torch.device):
+    def __init__(self, cfg: TrainConfig, device: torch.device, finish_images: Callable = lambda images: images):
         torch.manual_seed(cfg.seed)
         self.cfg, self.device = cfg, device
         self.model = CLIP(to_model_config(cfg.model)).to(device)
         self.initial_state = {key: value.detach().clone() for key, value in self.model.state_dict().items()}
-        self.module, self.image_format = build_train_module(cfg, self.model, device)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.scaler = build_grad_scaler(cfg.precision, device)
+        module, self.image_format = build_train_module(cfg, self.model, device)
         self.autocast = get_autocast(cfg.precision, device)
-        self.loss_fn = build_loss(cfg.loss)
-        self.unread: Optional[StepOutcome] = None  # the previous step, read during this one
+        self.step = TrainStep(
+            cfg, model=self.model, module=module, optimizer=build_optimizer(self.model, cfg.optim),
+            scaler=build_grad_scaler(cfg.precision, device), autocast=self.autocast, loss_fn=build_loss(cfg.loss),
+            num_microbatches=1, image_format=self.image_format, finish_images=finish_images, device=device,
+        )  # fmt: skip
+        self.progress = Progress()
+        # As in the trainer: the previous step's numbers are read during this one (a NaN stops the benchmark).
+        self.ledger = StepLedger(NanConfig(max_consecutive=1), self.progress, self.model, lambda: "none")
 
     def prepare(self, images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Device images in the step's memory format; the token ids stay on the host (see __call__)."""
@@ -156,21 +161,13 @@ class OurStep:
     def __call__(
         self, images: torch.Tensor, texts: torch.Tensor, while_running: Callable[[], None] = lambda: None
     ) -> torch.Tensor:
-        """One step on device `images` and host `texts`: as in the trainer, the token ids are packed
-        on the host (`text_packing_groups`), then copied to the device."""
-        texts = prepare_texts(texts, self.model.eot_token_id, self.cfg.text_packing_groups, 1, self.device)
-        loss, grad_norm = train_step(
-            self.module, images, texts, self.loss_fn, num_microbatches=1, autocast=self.autocast, scaler=self.scaler,
-            optimizer=self.optimizer, grad_clip_norm=self.cfg.optim.grad_clip_norm,
-        )
-        outcome = StepOutcome(loss, grad_norm)
-        apply_update(self.model, self.optimizer, self.scaler, skip=outcome.skip)
-        self.optimizer.zero_grad(set_to_none=True)
+        """One step on `images` and host `texts`, prepared as the trainer prepares a batch (the token ids
+        packed on the host, `text_packing_groups`, then copied to the device)."""
+        self.progress.step += 1
+        outcome = self.step(*self.step.prepare(images, texts), step=self.progress.step, lr=self.cfg.optim.lr)
         while_running()  # the trainer fetches the next batch here
-        if self.unread is not None:
-            self.unread.report()
-        self.unread = outcome
-        return loss.detach()
+        self.ledger.defer(self.progress.step, self.cfg.optim.lr, outcome)
+        return outcome.loss
 
 
 class OpenClipStep:
@@ -479,7 +476,7 @@ def bench_shards(cfg: TrainConfig, device: torch.device, args: argparse.Namespac
         data_cfg, batch_size=cfg.global_batch_size, image_transform=image_transform_train(model_config.vision.image_size),
         tokenize=get_tokenizer(model_config.text), rank=0, world_size=1, seed=0,
     )  # fmt: skip
-    ours = OurStep(cfg, device)
+    ours = OurStep(cfg, device, finish_images=loader.finish_images)
     result = Measured(ours.name + " (real shards)")
     batches = iter(loader)
     batch = next(batches)  # worker start-up is not timed
@@ -492,8 +489,7 @@ def bench_shards(cfg: TrainConfig, device: torch.device, args: argparse.Namespac
         waited += time.perf_counter() - start
 
     def step() -> torch.Tensor:
-        images = loader.finish_images(batch.images.to(device, non_blocking=True, memory_format=ours.image_format))
-        return ours(images, batch.texts, while_running=fetch_next)
+        return ours(batch.images, batch.texts, while_running=fetch_next)  # prepared on the device, as in training
 
     for _ in range(args.warmup):
         result.warmup_losses.append(float(step()))

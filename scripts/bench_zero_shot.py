@@ -22,12 +22,12 @@ import time
 import torch
 from torch import nn
 
+from clip.config import PRECISIONS
 from clip.data.eval_datasets import get_classnames, get_templates
 from clip.models import CLIP, get_model_config
+from clip.precision import autocast_dtype
 from clip.tokenizer import tokenize
 from clip.zero_shot import build_zero_shot_classifier
-
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class PaddedTextTower(nn.Module):
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     model = CLIP(get_model_config(args.model)).to(device).eval()
     classnames, templates = get_classnames("imagenet1k")[: args.classes], get_templates("imagenet1k")
-    dtype = PRECISIONS[args.precision]
+    dtype = autocast_dtype(args.precision)
 
     def ours(model: nn.Module, names: list[str]) -> torch.Tensor:
         return build_zero_shot_classifier(model, tokenize, names, templates, device=device, autocast_dtype=dtype)

@@ -91,6 +91,7 @@ def run_case(case: Case) -> dict:
     import torch.nn.functional as F
 
     from clip.models import CLIP
+    from clip.precision import get_autocast
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -102,10 +103,10 @@ def run_case(case: Case) -> dict:
     text = torch.randint(1, 1000, (case.batch, cfg.text.context_length))
     text[:, -1] = cfg.text.eot_token_id
     labels = torch.arange(case.batch)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=case.precision != "fp32")
+    autocast = get_autocast(case.precision, torch.device("cpu"))
 
     def forward() -> torch.Tensor:
-        with autocast:
+        with autocast():
             logits_per_image, logits_per_text = model(images, text)
         return (F.cross_entropy(logits_per_image.float(), labels) + F.cross_entropy(logits_per_text.float(), labels)) / 2
 

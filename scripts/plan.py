@@ -230,9 +230,8 @@ def recipe_run(name: str, overrides: list[str], num_gpus: int, samples_seen: flo
     """The RunConfig of configs/experiment/`name`.yaml with Hydra `overrides`, composed as the trainer
     composes it. Samples seen: max_steps x global batch, or `samples_seen` for an epoch-based recipe
     (its dataset size is not in the config). Raises ValueError naming the problem."""
-    from clip.config import ConfigError
+    from clip.config import ConfigError, to_model_config
     from clip.hydra_config import compose_train_config
-    from clip.train import to_model_config
 
     recipes = sorted(path.stem for path in (CONFIG_DIR / "experiment").glob("*.yaml"))
     if name not in recipes:

@@ -23,9 +23,9 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from clip.config import ConfigError
 from clip.hydra_config import MULTIRUN_REFUSED, compose_train_config, register_configs, to_train_config
+from clip.lifecycle import EXIT_CONFIG_ERROR, EXIT_DIVERGED, EXIT_PREEMPTED
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-EXIT_CONFIG_ERROR = 2
 
 
 def _exit_config_error(error: ConfigError) -> None:
@@ -37,7 +37,8 @@ def _exit_config_error(error: ConfigError) -> None:
 @record
 def main(cfg: DictConfig) -> None:
     # Imported here so that a config error is reported before the trainer's heavier imports.
-    from clip.train import EXIT_DIVERGED, EXIT_PREEMPTED, NonFiniteLossError, train
+    from clip.step import NonFiniteLossError
+    from clip.train import train
 
     try:
         result = train(to_train_config(cfg, HydraConfig.get().runtime.choices.get("model")))

@@ -12,7 +12,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from clip.config import to_model_config
 from clip.models.text_packing import get_text_lengths
+from clip.step import StepOutcome
 from tests.data_shards import make_shards
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_train.py"
@@ -76,18 +78,18 @@ def test_our_step_packs_the_chosen_captions_reads_each_step_during_the_next_and_
     from clip.models.text_packing import pack_text
 
     step_texts, reads = [], []  # what each train_step got; how many steps had started at each report
-    real_train_step, real_report = bench.train_step, bench.StepOutcome.report
+    real_forward_backward, real_report = bench.TrainStep.forward_backward, StepOutcome.report
 
-    def train_step(module, images, texts, *args, **kwargs):
+    def forward_backward(step, images, texts):
         step_texts.append(texts)
-        return real_train_step(module, images, texts, *args, **kwargs)
+        return real_forward_backward(step, images, texts)
 
     def report(outcome):
         reads.append(len(step_texts))
         return real_report(outcome)
 
-    monkeypatch.setattr(bench, "train_step", train_step)
-    monkeypatch.setattr(bench.StepOutcome, "report", report)
+    monkeypatch.setattr(bench.TrainStep, "forward_backward", forward_backward)
+    monkeypatch.setattr(StepOutcome, "report", report)
     bench.main([*COMMON, "--precision", "fp32", "--caption-lengths", "web", "--text-packing-groups", "3"])
     args = bench.argparse.Namespace(model="tiny-vit", batch=8, precision="fp32", compile=False,
                                     grad_checkpointing=False, text_packing_groups=3)  # fmt: skip
@@ -100,7 +102,7 @@ def test_our_step_packs_the_chosen_captions_reads_each_step_during_the_next_and_
     assert reads == list(range(2, len(step_texts) + 1))  # as in the trainer: step k is read during step k + 1
     # The executed share of the model FLOPs, against FlopCounterMode on the packed and padded forwards
     # (the math SDPA backend decomposes attention into products that it counts; the CPU flash kernel not).
-    model = bench.CLIP(bench.to_model_config(cfg.model))
+    model = bench.CLIP(to_model_config(cfg.model))
 
     def counted(text) -> int:
         with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:

@@ -21,10 +21,10 @@ from torch.nn.parallel import DistributedDataParallel
 import clip.loss
 import clip.objective
 from clip.config import DistConfig, LossConfig
-from clip.distributed import apply_data_parallel
 from clip.loss import build_loss
 from clip.models import CLIP, get_model_config
 from clip.objective import ContrastiveModel, forward_backward
+from clip.parallelize import apply_data_parallel
 from tests.multiprocess import run_on_ranks
 from tests.test_loss import _gather_without_grad, max_relative_error
 
@@ -114,7 +114,7 @@ def test_accumulation_equals_one_forward_of_the_batch():
 @pytest.mark.parametrize("locked", ["image", "text"])
 def test_accumulation_with_a_locked_tower_equals_one_forward_of_the_batch(locked):
     """LiT (lock_image / lock_text): the locked tower's features carry no gradient to backpropagate."""
-    from clip.train import apply_tower_lock
+    from clip.parallelize import apply_tower_lock
 
     model = build_model(patch_dropout=0.0)
     apply_tower_lock(model.model, lock_image=locked == "image", lock_text=locked == "text")
@@ -239,7 +239,7 @@ def _ddp_steps() -> dict:
 
 
 def test_ddp_accumulation_equals_global_batch():
-    """RELIABILITY G12 with accumulation: 2 ranks x K micro-batches under DDP = one process, one batch."""
+    """Exact distributed gradients with accumulation: 2 ranks x K micro-batches under DDP = one process, one batch."""
     world_size = 2
     per_rank = run_on_ranks(_ddp_steps, world_size)
 

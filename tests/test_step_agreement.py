@@ -1,4 +1,4 @@
-"""How the ranks agree at each step boundary (RELIABILITY.md 2.0; G6, G7, G10), on 2 gloo ranks.
+"""How the ranks agree at each step boundary (preemption, uneven data, non-finite steps), on 2 gloo ranks.
 
 Host flags: every rank has its next batch (else all start the next epoch), some rank must stop.
 Step outcome: a non-finite loss or gradient norm on any rank skips the update on every rank, decided
@@ -16,12 +16,12 @@ import torch.distributed as dist
 from clip.config import DistConfig
 from clip.distributed import (
     HostFlags,
-    StepOutcome,
     destroy_distributed,
     exchange_host_flags,
     init_distributed,
     read_launch_env,
 )
+from clip.step import StepOutcome
 from tests.multiprocess import run_on_ranks
 
 

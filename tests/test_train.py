@@ -19,10 +19,14 @@ import torch
 
 import clip
 import clip.checkpoint as ckpt
+import clip.resume
+import clip.step
 import clip.train as train_module
 from clip.config import ConfigError
 from clip.models.weights import CheckpointMismatchError
-from clip.train import MAX_LOGIT_SCALE, NonFiniteLossError, build_optimizer, get_lr, train
+from clip.optim import build_optimizer, get_lr
+from clip.step import MAX_LOGIT_SCALE, NonFiniteLossError
+from clip.train import train
 from tests.train_fixtures import load_model_state, read_metrics, tiny_train_config, use_memory_data
 
 
@@ -80,8 +84,8 @@ def test_preemption_checkpoints_the_current_step_and_the_rerun_matches_the_refer
 
 
 def test_sigusr1_preempts_like_sigterm_and_the_handlers_are_restored(tmp_path, monkeypatch):
-    # G6: SLURM's `--signal=USR1@90` warning. Sent by the process to itself during step 3.
-    real_forward_backward = train_module.forward_backward
+    # Preemption: SLURM's `--signal=USR1@90` warning. Sent by the process to itself during step 3.
+    real_forward_backward = clip.step.forward_backward
     calls = []
 
     def forward_backward(*args, **kwargs):
@@ -90,15 +94,15 @@ def test_sigusr1_preempts_like_sigterm_and_the_handlers_are_restored(tmp_path, m
             os.kill(os.getpid(), signal.SIGUSR1)
         return real_forward_backward(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "forward_backward", forward_backward)
+    monkeypatch.setattr(clip.step, "forward_backward", forward_backward)
     saved_steps = []
-    real_save_checkpoint = train_module.save_checkpoint
+    real_save_checkpoint = clip.resume.save_checkpoint
 
     def save_checkpoint(checkpoint_dir, step, *args, **kwargs):
         saved_steps.append(step)
         return real_save_checkpoint(checkpoint_dir, step, *args, **kwargs)
 
-    monkeypatch.setattr(train_module, "save_checkpoint", save_checkpoint)
+    monkeypatch.setattr(clip.resume, "save_checkpoint", save_checkpoint)
     ignore = signal.signal(signal.SIGUSR1, lambda signum, frame: None)  # should the trainer not catch it
     try:
         before = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR1)}
@@ -113,7 +117,7 @@ def test_sigusr1_preempts_like_sigterm_and_the_handlers_are_restored(tmp_path, m
 
 
 def test_a_stop_agreed_while_a_new_epoch_starts_still_checkpoints_the_last_step(tmp_path, monkeypatch):
-    # G6: the ranks exchange flags again when an epoch ends (16 steps of 16 here); a signal that lands
+    # Preemption: the ranks exchange flags again when an epoch ends (16 steps of 16 here); a signal that lands
     # just before that exchange stops the run there, with the last step saved like any other stop.
     real_exchange = train_module.exchange_host_flags
     had_batch = []
@@ -149,7 +153,7 @@ def test_periodic_zero_shot_evaluation_runs_at_its_steps_and_once_at_the_last(tm
 
 
 def test_a_resumed_run_replays_the_random_state_of_the_uninterrupted_one(tmp_path):
-    # G1: patch dropout draws from the trainer's RNG every step, so a resume that did not restore
+    # Bitwise resume: patch dropout draws from the trainer's RNG every step, so a resume that did not restore
     # the checkpointed RNG state would drop other patches than the uninterrupted run.
     dropout = ["model.vision.patch_dropout=0.5", "max_steps=8"]
     train(tiny_train_config(tmp_path / "reference", *dropout))
@@ -160,7 +164,7 @@ def test_a_resumed_run_replays_the_random_state_of_the_uninterrupted_one(tmp_pat
 
 
 def test_a_resumed_fp16_run_keeps_its_loss_scale(tmp_path):
-    # G1: skipped steps (the injected one at step 2, and any fp16 overflow) lower the loss scale
+    # Bitwise resume: skipped steps (the injected one at step 2, and any fp16 overflow) lower the loss scale
     # from its initial 2**16; the resumed run must go on with the lowered one.
     fp16 = ["precision=fp16", "deterministic=false", "max_steps=8", "fault.nan_at_steps=[2]"]
     train(tiny_train_config(tmp_path / "reference", *fp16))
@@ -186,7 +190,7 @@ def test_a_non_finite_step_is_skipped_and_counted(tmp_path):
 def test_a_skipped_step_leaves_parameters_and_moments_untouched_without_a_host_read(tmp_path, monkeypatch, precision):
     # No step here is logged or checkpointed, so the host reads step 3's verdict only during step 4:
     # the skip itself happens on the device (fused AdamW's found_inf), in every precision.
-    real_apply_update = train_module.apply_update
+    real_apply_update = clip.step.apply_update
     after: list[tuple[dict, dict]] = []  # per step: parameters, AdamW moments
 
     def recorded_apply_update(model, optimizer, scaler, *, skip):
@@ -195,7 +199,7 @@ def test_a_skipped_step_leaves_parameters_and_moments_untouched_without_a_host_r
         moments = {f"{id(p)}.{key}": v.clone() for p, state in optimizer.state.items() for key, v in state.items()}
         after.append((params, moments))
 
-    monkeypatch.setattr(train_module, "apply_update", recorded_apply_update)
+    monkeypatch.setattr(clip.step, "apply_update", recorded_apply_update)
     train(tiny_train_config(tmp_path, f"precision={precision}", "deterministic=false", "fault.nan_at_steps=[3]",
                             "max_steps=4", "checkpoint.every_steps=0", "log.every_steps=4"))  # fmt: skip
     (params_1, _), (params_2, moments_2), (params_3, moments_3), (params_4, _) = after
@@ -212,7 +216,7 @@ def test_a_skipped_step_leaves_parameters_and_moments_untouched_without_a_host_r
 
 @pytest.mark.parametrize("where", ["loss", "gradient"])
 def test_an_infinite_loss_or_gradient_is_skipped_too(tmp_path, monkeypatch, where):
-    real_forward_backward = train_module.forward_backward
+    real_forward_backward = clip.step.forward_backward
     calls = []
 
     def forward_backward(model, *args, **kwargs):
@@ -222,7 +226,7 @@ def test_an_infinite_loss_or_gradient_is_skipped_too(tmp_path, monkeypatch, wher
             next(model.parameters()).grad.view(-1)[0] = float("inf")
         return loss + float("inf") if len(calls) == 3 and where == "loss" else loss
 
-    monkeypatch.setattr(train_module, "forward_backward", forward_backward)
+    monkeypatch.setattr(clip.step, "forward_backward", forward_backward)
     train(tiny_train_config(tmp_path, "max_steps=3", "checkpoint.every_steps=1"))
     _assert_same_tensors(load_model_state(tmp_path / "checkpoints" / "step-2"),
                          load_model_state(tmp_path / "checkpoints" / "step-3"))
@@ -253,19 +257,19 @@ def test_a_non_finite_parameter_or_optimizer_moment_is_never_checkpointed():
     optimizer = torch.optim.AdamW(model.parameters())
     model(torch.ones(1, 2)).sum().backward()
     optimizer.step()
-    train_module.assert_finite_state(model, optimizer, step=1)
+    clip.resume.assert_finite_state(model, optimizer, step=1)
     optimizer.state[model.bias]["exp_avg_sq"][0] = float("nan")
     with pytest.raises(NonFiniteLossError, match="step 2: optimizer exp_avg_sq holds non-finite values"):
-        train_module.assert_finite_state(model, optimizer, step=2)
+        clip.resume.assert_finite_state(model, optimizer, step=2)
     optimizer.state[model.bias]["exp_avg_sq"].zero_()
     with torch.no_grad():
         model.weight[0, 0] = float("inf")
     with pytest.raises(NonFiniteLossError, match="step 3: parameter weight holds non-finite values"):
-        train_module.assert_finite_state(model, optimizer, step=3)
+        clip.resume.assert_finite_state(model, optimizer, step=3)
 
 
 def test_startup_removes_the_leftovers_of_interrupted_saves_and_deletions(tmp_path):
-    # G2: a kill mid-save leaves `step-N.tmp`, a kill mid-retention `step-N.deleting`; a relaunch
+    # Atomic checkpoints: a kill mid-save leaves `step-N.tmp`, a kill mid-retention `step-N.deleting`; a relaunch
     # removes them even when it never saves step N again.
     checkpoints = tmp_path / "checkpoints"
     (checkpoints / "step-99.tmp").mkdir(parents=True)
@@ -290,7 +294,7 @@ def test_resume_with_a_path_that_does_not_exist_names_the_flag(tmp_path):
 
 
 def test_a_missing_zero_shot_set_is_a_config_error_before_the_run_directory(tmp_path):
-    # G15: a typo in eval.zero_shot used to surface as a traceback after config.yaml and
+    # Config errors first: a typo in eval.zero_shot used to surface as a traceback after config.yaml and
     # checkpoints/ were written.
     missing = tmp_path / "imagenet" / "val"
     with pytest.raises(ConfigError, match=rf"eval.zero_shot: eval data {missing} is not a directory"):
@@ -369,7 +373,7 @@ def test_logit_scale_is_clamped_after_every_step_and_on_load(tmp_path, reference
 
 
 def test_resume_with_another_world_size_is_refused(tmp_path, reference_run):
-    # G17: in exact-data mode the data position belongs to the world size it was saved with.
+    # Safe config changes on resume: in exact-data mode the data position belongs to the world size it was saved with.
     train_state, rank_state = ckpt.load_checkpoint(reference_run[0] / "checkpoints" / "step-12", rank=0)
     train_state["world_size"] = 2
     ckpt.save_checkpoint(tmp_path / "checkpoints", 12, train_state, rank_state, rank=0, keep_last=2, manifest_extra={})

@@ -18,6 +18,8 @@ import torch
 import torch.multiprocessing as mp
 
 import clip.train as train_module
+from clip.config import to_model_config
+from clip.models import CLIP
 from tests.train_fixtures import (
     load_model_state,
     read_metrics,
@@ -72,7 +74,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, pa
     run_processes(2, [str(two), *overrides])
     reference = load_model_state(one / "checkpoints" / "step-4")
     distributed = load_model_state(two / "checkpoints" / "step-4")
-    initial = train_module.CLIP(train_module.to_model_config(tiny_train_config(one).model)).state_dict()
+    initial = CLIP(to_model_config(tiny_train_config(one).model)).state_dict()
     for key, value in reference.items():
         torch.testing.assert_close(distributed[key], value, rtol=1e-4, atol=1e-5, msg=key)
     # The comparison has teeth: training moved the weights far more than the tolerance.

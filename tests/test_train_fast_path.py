@@ -18,12 +18,14 @@ import torch
 import torch.nn.functional as F
 
 import clip.train as train_module
-from clip.config import OptimConfig
-from clip.distributed import StepOutcome
+from clip.config import OptimConfig, to_model_config
 from clip.loss import ClipLoss
 from clip.models import CLIP, get_model_config
 from clip.objective import ContrastiveModel, forward_backward
-from clip.train import build_optimizer, build_train_module, train
+from clip.optim import build_optimizer
+from clip.parallelize import build_train_module
+from clip.step import StepOutcome, TrainStep
+from clip.train import train
 from tests.train_fixtures import tiny_train_config, use_memory_data
 
 CLIP_PACKAGE = Path(train_module.__file__).resolve().parent
@@ -98,8 +100,8 @@ def test_inductor_compiled_vit_matches_eager_with_gradient_caching():
 def test_train_module_applies_channels_last_to_resnets_only_and_compiles_on_request(tmp_path):
     resnet_cfg = tiny_train_config(tmp_path, "model=tiny-resnet")
     torch.manual_seed(0)
-    reference = CLIP(train_module.to_model_config(resnet_cfg.model))
-    model = CLIP(train_module.to_model_config(resnet_cfg.model))
+    reference = CLIP(to_model_config(resnet_cfg.model))
+    model = CLIP(to_model_config(resnet_cfg.model))
     model.load_state_dict(reference.state_dict())
     module, image_format = build_train_module(resnet_cfg, model, torch.device("cpu"))
     assert image_format == torch.channels_last
@@ -115,7 +117,7 @@ def test_train_module_applies_channels_last_to_resnets_only_and_compiles_on_requ
     assert module._compiled_call_impl is None  # compile unset: not on CPU
 
     vit_cfg = tiny_train_config(tmp_path, "compile=true")
-    vit = CLIP(train_module.to_model_config(vit_cfg.model))
+    vit = CLIP(to_model_config(vit_cfg.model))
     module, image_format = build_train_module(vit_cfg, vit, torch.device("cpu"))
     assert image_format == torch.contiguous_format and vit.visual.conv1.weight.is_contiguous()
     assert module._compiled_call_impl is not None
@@ -199,17 +201,17 @@ def test_the_host_reads_a_step_only_while_the_device_runs_the_next(tmp_path, mon
 
         return record
 
-    real_train_step, real_report = train_module.train_step, StepOutcome.report
+    real_forward_backward, real_report = TrainStep.forward_backward, StepOutcome.report
 
-    def counted_train_step(*args, **kwargs):
+    def counted_forward_backward(*args, **kwargs):
         steps["started"] += 1
-        return real_train_step(*args, **kwargs)
+        return real_forward_backward(*args, **kwargs)
 
     def noted_report(outcome):
         reported_while.append(steps["started"])
         return real_report(outcome)
 
-    monkeypatch.setattr(train_module, "train_step", counted_train_step)
+    monkeypatch.setattr(TrainStep, "forward_backward", counted_forward_backward)
     monkeypatch.setattr(StepOutcome, "report", noted_report)
     for name in HOST_READS:
         monkeypatch.setattr(torch.Tensor, name, recorder(name))
@@ -222,5 +224,5 @@ def test_the_host_reads_a_step_only_while_the_device_runs_the_next(tmp_path, mon
     # caption lengths of the loader's batch (host memory, before its copy to the device) for packing.
     packing_reads = 3 * (4 if "micro_batch_size=4" in setting else 1)  # per micro-batch (16 / 4)
     assert reads == {("distributed.py", "exchange_host_flags", "tolist"): 3,
-                     ("distributed.py", "report", "tolist"): 3,
+                     ("step.py", "report", "tolist"): 3,
                      ("text_packing.py", "pack_text", "tolist"): packing_reads}  # fmt: skip

@@ -8,8 +8,8 @@ import time
 from typing import Iterator
 
 from clip.data.records import Item, Record, SkipEvent
-from clip.data.subset import uid_from_key
 from clip.data.sources import Shard, is_pipe, local_path
+from clip.data.subset import uid_from_key
 from clip.data.tar_reader import iter_tar_samples
 
 _READ_BUFFER = 1 << 16

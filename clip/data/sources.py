@@ -1,7 +1,7 @@
 """Resolving `data.train_shards` into shards: expansion, safety rules, startup checks, sample counts.
 
 Everything here runs in the training process before any worker starts, and every problem it finds is
-a `DataConfigError` naming the `data.<key>` to fix (G9, G15, S3).
+a `DataConfigError` naming the `data.<key>` to fix, before any side effect.
 """
 
 from __future__ import annotations
@@ -12,9 +12,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-from clip.config import DataConfig
+from clip.config import ConfigError, DataConfig
 
-TAR_SUFFIXES = (".tar",)
 LIST_SUFFIXES = (".txt",)
 CSV_DELIMITERS = {".csv": ",", ".tsv": "\t"}
 PIPE_PREFIX = "pipe:"
@@ -22,7 +21,7 @@ FILE_PREFIX = "file://"
 MANIFEST_NAME = "sizes.json"  # OpenCLIP's name and format: {"00000.tar": 10000, ...}
 
 
-class DataConfigError(ValueError):
+class DataConfigError(ConfigError):
     """The data config cannot work (missing shard, forbidden URL, impossible split): fix `data.<key>`."""
 
 
@@ -83,7 +82,7 @@ def expand_pattern(pattern: str) -> list[str]:
 
 
 def _check_url(url: str, origin: str, cfg: DataConfig) -> None:
-    """S3: `pipe:` runs a shell command, so it needs an explicit opt-in and may come only from the config."""
+    """`pipe:` runs a shell command, so it needs an explicit opt-in and may come only from the config."""
     if is_pipe(url):
         if origin != "data.train_shards":
             raise DataConfigError(

@@ -4,11 +4,11 @@ The one tar reader of the project: training shards (`iter_tar_samples`), their m
 shards (`clip.data.eval_datasets`, through `iter_member_groups`) all read tars with it.
 
 Why not `tarfile` or webdataset's reader: a streaming tar that is cut at a header boundary simply ends,
-without an error, in both (RELIABILITY G8: 519 of 1,368 cut points were silent), and webdataset reads
+without an error, in both (519 of 1,368 cut points were silent when we measured it), and webdataset reads
 every member fully into memory whatever its header claims. This reader requires the end-of-archive
 marker (two zero blocks) and valid header checksums, reports a cut as a `truncated_shard` event, skips
 oversized members without reading them, drops links, devices and absolute or `..` names, and hands out
-member bytes only, never paths (S5). It parses ustar, GNU long names and pax `path`/`size` records,
+member bytes only, never paths. It parses ustar, GNU long names and pax `path`/`size` records,
 which covers tars written by Python's tarfile, GNU tar and webdataset's TarWriter.
 """
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 import posixpath
 from typing import BinaryIO, Iterator, NamedTuple, Optional, Union
 
-from clip.data.subset import sample_uid
 from clip.data.records import (
     CAPTION_EXTENSION,
     IMAGE_EXTENSIONS,
@@ -27,6 +26,7 @@ from clip.data.records import (
     Record,
     SkipEvent,
 )
+from clip.data.subset import sample_uid
 
 BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)
@@ -225,7 +225,7 @@ def iter_member_groups(
     """Group consecutive members with the same key (a repeated extension starts a new group).
 
     Only members with one of `extensions` are kept; the others become `ignored_member` events and are
-    never decoded, whatever they claim to be (S4: webdataset would unpickle `.pyd`/`.pth` members).
+    never decoded, whatever they claim to be (webdataset would unpickle `.pyd`/`.pth` members).
     A truncated shard ends with its `truncated_shard` event, right after the group it cut (`cut=True`).
     """
     key: Optional[str] = None
