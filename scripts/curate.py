@@ -130,16 +130,16 @@ def _filter_mask(args: argparse.Namespace, table) -> np.ndarray:
         return mask & text_filter.english_mask(table.caption) if args.english else mask
 
     embeddings = (table.image_embedding if args.embedding == "image" else table.text_embedding).astype(np.float32)
-    # Clusters of the whole pool, as DataComp's centres are; a caption filter only limits what is kept.
-    centres = clusters.kmeans(
-        embeddings, args.clusters, iterations=args.iterations, seed=args.seed, backend=args.backend
-    )
-    if args.command == "image":
-        mask = image_filter.image_based_mask(embeddings, centres, _read_target(args.target))
-        return mask & text_filter.caption_quality_mask(table.caption) if args.english else mask
-    return dedup.semantic_dedup_mask(
-        embeddings, centres, threshold=args.threshold, keep=args.keep, clip_scores=table.clip_score
-    )
+    options = {"iterations": args.iterations, "seed": args.seed, "backend": args.backend}
+    if args.command == "dedup":
+        centres = clusters.kmeans(embeddings, args.clusters, **options)
+        return dedup.semantic_dedup_mask(
+            embeddings, centres, threshold=args.threshold, keep=args.keep, clip_scores=table.clip_score
+        )
+    # DataComp clusters the caption-filtered pool (image_based_clustering.py) and keeps only its samples.
+    candidates = text_filter.caption_quality_mask(table.caption) if args.english else np.ones(len(table), bool)
+    centres = clusters.kmeans(embeddings[candidates], args.clusters, **options)
+    return candidates & image_filter.image_based_mask(embeddings, centres, _read_target(args.target))
 
 
 def main(argv: list[str] | None = None) -> int:

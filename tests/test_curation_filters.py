@@ -7,7 +7,7 @@ import pytest
 
 from clip.curation import clusters
 from clip.curation.dedup import semantic_dedup_mask
-from clip.curation.embeddings import EmbeddingShard, write_embedding_shard
+from clip.curation.embeddings import EmbeddingShard, read_embedding_dir, write_embedding_shard
 from clip.curation.image_filter import image_based_mask
 from clip.curation.score_filter import clip_score_mask, top_fraction_threshold
 from clip.curation.subsets import combine
@@ -176,5 +176,24 @@ def test_curate_script_filters_combines_and_summarises(tmp_path, capsys):
         ["dedup", "--embeddings", emb, "--clusters", "2", "--backend", "torch", "--out", str(tmp_path / "d.npy")]
     )
     assert len(read_subset(tmp_path / "d.npy")) == 5  # five random directions: no duplicates
+    # every sample its own cluster; the target is sample a-1's own embedding: only a-1 is kept
+    table = read_embedding_dir(emb)
+    np.save(tmp_path / "target.npy", table.image_embedding[[1]].astype(np.float32))
+    script.main(
+        [
+            "image",
+            "--embeddings",
+            emb,
+            "--target",
+            str(tmp_path / "target.npy"),
+            "--clusters",
+            "5",
+            "--backend",
+            "torch",
+            "--out",
+            str(tmp_path / "image.npy"),
+        ]
+    )
+    assert to_hex(read_subset(tmp_path / "image.npy")) == [uids["a"][1]]
     with pytest.raises(SystemExit, match="give --imagenet21k, --words FILE, or both"):
         script.main(["text", "--embeddings", emb, "--out", str(tmp_path / "x.npy")])
