@@ -197,3 +197,10 @@ def test_curate_script_filters_combines_and_summarises(tmp_path, capsys):
     assert to_hex(read_subset(tmp_path / "image.npy")) == [uids["a"][1]]
     with pytest.raises(SystemExit, match="give --imagenet21k, --words FILE, or both"):
         script.main(["text", "--embeddings", emb, "--out", str(tmp_path / "x.npy")])
+
+
+def test_a_pool_with_a_uid_twice_is_refused(tmp_path):
+    _write_pool_embeddings(tmp_path / "emb", {"a": [1.0, 2.0]})
+    (tmp_path / "emb" / "b.npz").write_bytes((tmp_path / "emb" / "a.npz").read_bytes())  # the same samples again
+    with pytest.raises(ValueError, match="2 uids occur in more than one sample"):
+        read_embedding_dir(tmp_path / "emb")
