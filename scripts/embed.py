@@ -100,20 +100,24 @@ def main(argv: list[str] | None = None) -> int:
     # clip.load casts to fp16 off the CPU as OpenAI's does; like the eval script, run fp32 weights and
     # let --precision choose autocast.
     model = model.float().eval()
-    report = embed_shards(
-        model,
-        preprocess,
-        get_tokenizer(model.config.text),
-        urls,
-        args.out,
-        rank=launch.rank,
-        world_size=launch.world_size,
-        batch_size=args.batch_size,
-        num_workers=args.workers,
-        device=device,
-        autocast_dtype=PRECISIONS[args.precision],
-        progress=not args.no_progress,
-    )
+    try:
+        report = embed_shards(
+            model,
+            preprocess,
+            get_tokenizer(model.config.text),
+            urls,
+            args.out,
+            rank=launch.rank,
+            world_size=launch.world_size,
+            batch_size=args.batch_size,
+            num_workers=args.workers,
+            device=device,
+            autocast_dtype=PRECISIONS[args.precision],
+            model_name=args.model,
+            progress=not args.no_progress,
+        )
+    except ValueError as error:  # a shard name clash, or files of another model in --out
+        sys.exit(f"error: {error}")
     counts = [len(report.written), len(report.already_done), len(report.failed), report.num_samples]
     counts += [report.skipped[reason] for reason in SKIP_REASONS]
     totals = [int(v) for v in sum_across_ranks([float(v) for v in counts], device)]

@@ -161,3 +161,12 @@ def test_output_names_refuse_two_shards_with_one_name():
     assert output_name("pipe:aws s3 cp s3://bucket/pool/00042.tar -") == "00042.npz"
     with pytest.raises(ValueError, match="would both write 00001.npz"):
         output_names(["/a/00001.tar", "/b/00001.tar"])
+
+
+def test_resuming_with_another_model_is_refused(pool, tmp_path):
+    shards, model, _ = pool
+    _embed(_args(model, shards, tmp_path / "emb", "--workers", "0"))
+    torch.manual_seed(1)
+    other = str(export_tiny_model(tmp_path / "other.safetensors"))
+    with pytest.raises(SystemExit, match="was embedded by another model .*model.safetensors"):
+        _embed(_args(other, shards, tmp_path / "emb", "--workers", "0"))

@@ -145,6 +145,7 @@ def _write_pool_embeddings(directory, scores_by_shard):
                 clip_score=np.array(scores, np.float32),
                 shard=np.full(len(scores), f"/pool/{shard}.tar"),
             ),
+            shard_url=f"/pool/{shard}.tar",
         )
     return uids
 

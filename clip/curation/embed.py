@@ -9,6 +9,7 @@ how a killed job resumes (the files are written atomically: clip.curation.embedd
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -22,7 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from clip.config import DataConfig
-from clip.curation.embeddings import EmbeddingShard, output_names, write_embedding_shard
+from clip.curation.embeddings import EmbeddingShard, output_names, read_model_fingerprint, write_embedding_shard
 from clip.data.records import Record, SkipEvent
 from clip.data.shard_reader import read_shard
 from clip.data.sources import Shard
@@ -32,6 +33,16 @@ from clip.data.subset import from_hex
 # A shard that cannot be opened at all gets no file, so that a rerun tries it again; a shard cut short
 # keeps the samples before the cut (the cut is counted in its file).
 SHARD_FAILURES = ("unreadable_shard",)
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A hash of a model's config and float32 weights: embedding files made by different models differ in it."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(repr(getattr(model, "config", "")).encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def clip_score(image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
@@ -103,6 +114,10 @@ class _ShardChunks(IterableDataset):
         yield _Chunk(index, stacked, captions, uids, keys, skipped, last=True)
 
 
+def _as_is(chunk: _Chunk) -> _Chunk:
+    return chunk  # a module-level function: DataLoader workers started by spawn must pickle it
+
+
 @dataclass
 class _Pending:
     """The chunks of one shard embedded so far."""
@@ -130,13 +145,15 @@ def embed_shards(
     device: torch.device | str = "cpu",
     autocast_dtype: torch.dtype | None = None,
     data: DataConfig | None = None,
+    model_name: str = "",
     progress: bool = True,
 ) -> EmbedReport:
     """Embed this rank's share of `shard_urls` into `out_dir`, skipping shards whose file exists.
 
     `model` is a `clip.CLIP` (from `clip.load`), `preprocess` its eval transform, `tokenize` its
     tokenizer. `data` supplies the reader's limits (`max_member_bytes`, `open_retries`; defaults as in
-    training).
+    training). `model_name` is recorded in the files; a file of this rank's made by other weights is an
+    error (a resumed job must use the model that began it).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -144,8 +161,16 @@ def embed_shards(
     names = output_names(shard_urls)
     report = EmbedReport()
     todo = []
+    fingerprint = model_fingerprint(model)
     for index in range(rank, len(shard_urls), world_size):
-        if (out_dir / names[index]).exists():
+        path = out_dir / names[index]
+        if path.exists():
+            stored_name, stored_fingerprint = read_model_fingerprint(path)
+            if stored_fingerprint != fingerprint:
+                raise ValueError(
+                    f"{path} was embedded by another model ({stored_name!r}) than {model_name!r}: "
+                    "resume with the model that began the job, or embed into a new --out directory"
+                )
             report.already_done.append(shard_urls[index])
         else:
             todo.append((index, shard_urls[index]))
@@ -154,7 +179,7 @@ def embed_shards(
 
     dataset = _ShardChunks(todo, preprocess, batch_size, data or DataConfig())
     # batch_size=None: the dataset's chunks are the batches; a worker per shard at most.
-    loader = DataLoader(dataset, batch_size=None, num_workers=min(num_workers, len(todo)), collate_fn=lambda c: c)
+    loader = DataLoader(dataset, batch_size=None, num_workers=min(num_workers, len(todo)), collate_fn=_as_is)
     pending: dict[int, _Pending] = {}
     bar = tqdm(total=len(todo), unit="shard", desc=f"embed (rank {rank})", disable=not progress)
     with torch.no_grad():
@@ -180,6 +205,8 @@ def embed_shards(
                     shard_urls[chunk.shard_index],
                     out_dir / names[chunk.shard_index],
                     report,
+                    model_name,
+                    fingerprint,
                 )
                 bar.update(1)
                 bar.set_postfix(samples=report.num_samples, skipped=sum(report.skipped.values()))
@@ -187,7 +214,7 @@ def embed_shards(
     return report
 
 
-def _finish_shard(part: _Pending, url: str, path: Path, report: EmbedReport) -> None:
+def _finish_shard(part: _Pending, url: str, path: Path, report: EmbedReport, model_name: str, fingerprint: str) -> None:
     report.skipped.update(part.skipped)
     if any(part.skipped[reason] for reason in SHARD_FAILURES):
         report.failed.append(url)
@@ -202,6 +229,8 @@ def _finish_shard(part: _Pending, url: str, path: Path, report: EmbedReport) -> 
         clip_score=np.concatenate(part.score) if part.score else np.zeros(0, np.float32),
         shard=np.full(len(part.uids), url),
         skipped=dict(part.skipped),
+        model=model_name,
+        model_fingerprint=fingerprint,
     )
-    write_embedding_shard(path, embeddings)
+    write_embedding_shard(path, embeddings, shard_url=url)
     report.written.append(url)

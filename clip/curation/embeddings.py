@@ -16,6 +16,8 @@ Arrays of one file (N samples, in shard order; D the model's embedding width):
     clip_score       [N] float32, 100 x the cosine of the two embeddings computed in float32 before
                      rounding (DataComp's definition)
     shard            [] unicode, the shard's URL
+    model            [] unicode, the `--model` that embedded it, and
+    model_fingerprint [] unicode, a hash of its weights: a resumed job or a filter refuses to mix models
     skipped_reason, skipped_count   [K] why samples or parts of the shard were skipped, and how often
                      (the reasons of clip.data.records: decode_error, truncated_shard, ...)
     format_version   [] int64
@@ -53,6 +55,8 @@ class EmbeddingShard:
     clip_score: np.ndarray  # [N] float32
     shard: np.ndarray  # [N] unicode: each sample's shard URL
     skipped: dict[str, int] = field(default_factory=dict)
+    model: str = ""  # what embedded it (the name or path given to clip.load)
+    model_fingerprint: str = ""  # `model_fingerprint` of its weights
 
     def __len__(self) -> int:
         return len(self.uid)
@@ -80,15 +84,14 @@ def output_names(shard_urls: list[str]) -> list[str]:
     return names
 
 
-def write_embedding_shard(path: str | os.PathLike, embeddings: EmbeddingShard) -> Path:
+def write_embedding_shard(path: str | os.PathLike, embeddings: EmbeddingShard, *, shard_url: str) -> Path:
     """Write one shard's file atomically: a killed job leaves either the finished file or none."""
     path = Path(path)
     captions = [c.encode("utf-8") for c in embeddings.caption]
     offsets = np.zeros(len(captions) + 1, dtype=np.int64)
     np.cumsum([len(c) for c in captions], out=offsets[1:])
-    shard_urls = set(embeddings.shard.tolist())
-    if len(shard_urls) != 1 and len(embeddings):
-        raise ValueError(f"one embedding file holds one shard's samples, got {len(shard_urls)} shards")
+    if np.any(embeddings.shard != shard_url):
+        raise ValueError(f"{path}: one embedding file holds the samples of one shard, {shard_url}")
     arrays = {
         "uid": np.asarray(embeddings.uid, dtype=UID_DTYPE),
         "key": np.asarray(embeddings.key, dtype=str),
@@ -97,7 +100,9 @@ def write_embedding_shard(path: str | os.PathLike, embeddings: EmbeddingShard) -
         "image_embedding": np.asarray(embeddings.image_embedding, dtype=np.float16),
         "text_embedding": np.asarray(embeddings.text_embedding, dtype=np.float16),
         "clip_score": np.asarray(embeddings.clip_score, dtype=np.float32),
-        "shard": np.array(embeddings.shard[0] if len(embeddings) else "", dtype=str),
+        "shard": np.array(shard_url, dtype=str),
+        "model": np.array(embeddings.model, dtype=str),
+        "model_fingerprint": np.array(embeddings.model_fingerprint, dtype=str),
         "skipped_reason": np.array(sorted(embeddings.skipped), dtype=str),
         "skipped_count": np.array([embeddings.skipped[r] for r in sorted(embeddings.skipped)], dtype=np.int64),
         "format_version": np.array(FORMAT_VERSION, dtype=np.int64),
@@ -133,7 +138,15 @@ def read_embedding_shard(path: str | os.PathLike) -> EmbeddingShard:
         clip_score=arrays["clip_score"],
         shard=np.full(num_samples, str(arrays["shard"])),
         skipped=dict(zip(arrays["skipped_reason"].tolist(), arrays["skipped_count"].tolist())),
+        model=str(arrays["model"]),
+        model_fingerprint=str(arrays["model_fingerprint"]),
     )
+
+
+def read_model_fingerprint(path: str | os.PathLike) -> tuple[str, str]:
+    """(model, model_fingerprint) of an embedding file, without loading its arrays."""
+    with np.load(path, allow_pickle=False) as data:
+        return str(data["model"]), str(data["model_fingerprint"])
 
 
 def embedding_files(directory: str | os.PathLike) -> list[Path]:
@@ -161,16 +174,19 @@ def concatenate(parts: Iterable[EmbeddingShard]) -> EmbeddingShard:
         clip_score=np.concatenate([p.clip_score for p in arrays]),
         shard=np.concatenate([p.shard for p in arrays]),
         skipped=dict(skipped),
+        model=parts[0].model if parts else "",
+        model_fingerprint=parts[0].model_fingerprint if parts else "",
     )
 
 
-def _widths_agree(parts: list[EmbeddingShard], directory) -> None:
-    widths = {p.image_embedding.shape[1] for p in parts if len(p)}
-    if len(widths) > 1:
-        raise ValueError(
-            f"{directory}: embedding files of different widths {sorted(widths)}: "
-            "they were made by different models; embed the pool with one model"
-        )
+def _one_model(parts: list[EmbeddingShard], files: list[Path]) -> None:
+    first = parts[0]
+    for part, path in zip(parts, files):
+        if part.model_fingerprint != first.model_fingerprint:
+            raise ValueError(
+                f"{path} was embedded by {part.model!r}, {files[0]} by another model ({first.model!r}): "
+                "embed the whole pool with one model"
+            )
 
 
 def read_embedding_dir(directory: str | os.PathLike) -> EmbeddingShard:
@@ -178,8 +194,9 @@ def read_embedding_dir(directory: str | os.PathLike) -> EmbeddingShard:
 
     A uid seen twice is an error: a subset file could not tell the two samples apart.
     """
-    parts = [read_embedding_shard(path) for path in embedding_files(directory)]
-    _widths_agree(parts, directory)
+    files = embedding_files(directory)
+    parts = [read_embedding_shard(path) for path in files]
+    _one_model(parts, files)
     table = concatenate(parts)
     unique, counts = np.unique(table.uid, return_counts=True)
     if len(unique) != len(table):
