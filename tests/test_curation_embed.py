@@ -23,6 +23,7 @@ from clip.data.decode import decode_image
 from clip.data.subset import to_hex, uid_from_key
 from clip.tokenizer import get_tokenizer
 from tests.curation_fixtures import EMBED_SCRIPT, export_tiny_model, json_uid, load_script, write_pool
+from tests.data_shards import member_offsets, truncate
 from tests.eval_fixtures import one_thread  # noqa: F401
 from tests.multiprocess import run_on_ranks
 
@@ -121,8 +122,12 @@ def _embed_on_rank(argv):
 
 def test_two_gloo_ranks_write_what_one_process_writes(pool, tmp_path):
     shards, model, _ = pool
+    # the script joins the process group itself, from the torchrun-style environment (gloo on the CPU)
     results = run_on_ranks(
-        _embed_on_rank, world_size=2, args=(_args(model, shards, tmp_path / "ranks", "--workers", "0"),)
+        _embed_on_rank,
+        world_size=2,
+        args=(_args(model, shards, tmp_path / "ranks", "--workers", "0"),),
+        init_process_group=False,
     )
     assert results == [0, 0]
     _embed(_args(model, shards, tmp_path / "single", "--workers", "0"))
@@ -170,3 +175,12 @@ def test_resuming_with_another_model_is_refused(pool, tmp_path):
     other = str(export_tiny_model(tmp_path / "other.safetensors"))
     with pytest.raises(SystemExit, match="was embedded by another model .*model.safetensors"):
         _embed(_args(other, shards, tmp_path / "emb", "--workers", "0"))
+
+
+def test_a_truncated_shard_keeps_the_samples_before_the_cut(pool, tmp_path):
+    shards, model, paths = pool
+    _, header, *_ = next(m for m in member_offsets(paths[2]) if m[0] == "0020003.jpg")
+    truncate(paths[2], header + 100)  # inside sample 3's header: samples 0-2 are whole
+    assert _embed(_args(model, shards, tmp_path / "emb", "--workers", "0")) == 0
+    stored = read_embedding_shard(tmp_path / "emb" / "pool-002.npz")
+    assert stored.key.tolist() == ["0020000", "0020001", "0020002"] and stored.skipped == {"truncated_shard": 1}
