@@ -69,6 +69,7 @@ class _Chunk:
 
     shard_index: int
     images: torch.Tensor | None  # [B, 3, H, W], None when the chunk holds no sample
+    tokens: torch.Tensor | None  # [B, L] the captions' token ids
     captions: list[str]
     uids: list[str]
     keys: list[str]
@@ -77,11 +78,14 @@ class _Chunk:
 
 
 class _ShardChunks(IterableDataset):
-    """Reads and decodes whole shards (each DataLoader worker its own), in chunks of `batch_size`."""
+    """Reads, decodes and tokenizes whole shards (each DataLoader worker its own), in chunks of `batch_size`."""
 
-    def __init__(self, shards: list[tuple[int, str]], preprocess: Callable, batch_size: int, data: DataConfig):
+    def __init__(
+        self, shards: list[tuple[int, str]], preprocess: Callable, tokenize: Callable, batch_size: int, data: DataConfig
+    ):
         self.shards = shards
         self.preprocess = preprocess
+        self.tokenize = tokenize
         self.batch_size = batch_size
         self.max_member_bytes = data.max_member_bytes
         self.open_retries = data.open_retries
@@ -108,10 +112,14 @@ class _ShardChunks(IterableDataset):
             if isinstance(item, SkipEvent):
                 skipped[item.reason] += 1
             if len(images) == self.batch_size:
-                yield _Chunk(index, torch.stack(images), captions, uids, keys, skipped, last=False)
+                yield self._chunk(index, images, captions, uids, keys, skipped, last=False)
                 images, captions, uids, keys, skipped = [], [], [], [], Counter()
-        stacked = torch.stack(images) if images else None
-        yield _Chunk(index, stacked, captions, uids, keys, skipped, last=True)
+        yield self._chunk(index, images, captions, uids, keys, skipped, last=True)
+
+    def _chunk(self, index, images, captions, uids, keys, skipped, *, last: bool) -> _Chunk:
+        if not images:
+            return _Chunk(index, None, None, captions, uids, keys, skipped, last)
+        return _Chunk(index, torch.stack(images), self.tokenize(captions), captions, uids, keys, skipped, last)
 
 
 def _as_is(chunk: _Chunk) -> _Chunk:
@@ -177,7 +185,7 @@ def embed_shards(
     if not todo:
         return report
 
-    dataset = _ShardChunks(todo, preprocess, batch_size, data or DataConfig())
+    dataset = _ShardChunks(todo, preprocess, tokenize, batch_size, data or DataConfig())
     # batch_size=None: the dataset's chunks are the batches; a worker per shard at most.
     loader = DataLoader(dataset, batch_size=None, num_workers=min(num_workers, len(todo)), collate_fn=_as_is)
     pending: dict[int, _Pending] = {}
@@ -191,7 +199,7 @@ def embed_shards(
                     device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
                 ):
                     image_features = model.encode_image(chunk.images.to(device))
-                    text_features = model.encode_text(tokenize(chunk.captions).to(device))
+                    text_features = model.encode_text(chunk.tokens.to(device))
                 part.score.append(clip_score(image_features, text_features).cpu().numpy())
                 part.image.append(F.normalize(image_features.float(), dim=-1).half().cpu().numpy())
                 part.text.append(F.normalize(text_features.float(), dim=-1).half().cpu().numpy())
