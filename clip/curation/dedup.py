@@ -6,8 +6,8 @@ and a sample is dropped when its cosine similarity to any sample before it is ab
 chain a~b~c with a and c not similar still keeps only a. Near-duplicates in different clusters are not
 compared: the clusters are what makes this linear in the pool instead of quadratic.
 
-Keep-first orders: `far-from-centre` (SemDeDup's default, which keeps the least typical sample of a
-group) or `clip-score` (the best-aligned caption of a group is kept).
+Keep-first orders: `far-from-centre` (the least typical sample of a group first, SemDeDup's default as
+we recall it) or `clip-score` (the best-aligned caption of a group is kept).
 """
 
 from __future__ import annotations
