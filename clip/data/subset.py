@@ -51,15 +51,19 @@ def _is_uid(text: str) -> bool:
     return True
 
 
-def to_array(uids: Iterable[str]) -> np.ndarray:
-    """Hex uids -> the sorted, duplicate-free structured array of a subset file."""
+def from_hex(uids: Iterable[str]) -> np.ndarray:
+    """Hex uids -> a structured uid array in the same order (a subset file also sorts it: `to_array`)."""
     pairs = []
     for uid in uids:
         if not _is_uid(uid):
             raise ValueError(f"not a uid (32 hex digits): {uid!r}")
         pairs.append((int(uid[:16], 16), int(uid[16:], 16)))
-    array = np.array(pairs, dtype=UID_DTYPE)
-    return np.unique(array)  # sorts by (uid0, uid1)
+    return np.array(pairs, dtype=UID_DTYPE)
+
+
+def to_array(uids: Iterable[str]) -> np.ndarray:
+    """Hex uids -> the sorted, duplicate-free structured array of a subset file."""
+    return np.unique(from_hex(uids))  # sorts by (uid0, uid1)
 
 
 def to_hex(array: np.ndarray) -> list[str]:
@@ -101,9 +105,12 @@ def _strictly_increasing(array: np.ndarray) -> bool:
     return bool(np.all((hi[1:] > hi[:-1]) | ((hi[1:] == hi[:-1]) & (lo[1:] > lo[:-1]))))
 
 
-def contains(subset: np.ndarray, uids: Iterable[str]) -> np.ndarray:
-    """Boolean mask: which of `uids` are in the sorted `subset`."""
-    query = np.array([(int(u[:16], 16), int(u[16:], 16)) for u in uids], dtype=UID_DTYPE)
+def contains(subset: np.ndarray, uids: np.ndarray | Iterable[str]) -> np.ndarray:
+    """Boolean mask: which of `uids` (hex strings, or a uid array in any order) are in the sorted `subset`."""
+    if isinstance(uids, np.ndarray) and uids.dtype == UID_DTYPE:
+        query = uids
+    else:
+        query = np.array([(int(u[:16], 16), int(u[16:], 16)) for u in uids], dtype=UID_DTYPE)
     if len(subset) == 0 or len(query) == 0:
         return np.zeros(len(query), dtype=bool)
     index = np.searchsorted(subset, query)
