@@ -7,7 +7,8 @@ first every 2 decades, then halving the step around the best point down to 8 ste
 The chosen strength is refit on the whole training split (validation included) and scored once on
 the test split, which must not share an image with the training split.
 
-The objective, for features x_i, labels y_i (N of them) and strength `l2` (the paper's lambda):
+The objective, for features x_i, labels y_i (N of them) and strength `l2` (the paper's lambda,
+read as scikit-learn's 1 / C: the paper fits scikit-learn and names no other parameterisation):
 
     sum_i CE(W x_i + b, y_i) + l2 / 2 * ||W||^2        (the bias is not penalised)
 
