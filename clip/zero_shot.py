@@ -1,4 +1,4 @@
-"""Zero-shot classification, image-text retrieval and linear probes of a CLIP model.
+"""Zero-shot classification and image-text retrieval of a CLIP model (linear probes: clip.linear_probe).
 
 Every evaluation runs on all ranks when torch.distributed is initialised: each rank encodes its
 share of the data, the per-sample results are gathered back into dataset order, and every rank
@@ -35,8 +35,6 @@ RECALL_KS = (1, 5, 10)
 # Our CLIP's text tower skips the padding after each caption (clip.models.text_packing; exact up to
 # rounding). Prompts and captions are short, so this cuts most of the text tower's work.
 TEXT_PACKING_GROUPS = 8
-# Linear-probe L2 strengths swept on the validation split: 1e-6 ... 1e2, one per decade.
-DEFAULT_WEIGHT_DECAYS = tuple(10.0**exponent for exponent in range(-6, 3))
 
 
 def format_prompt(template: str, classname: str) -> str:
@@ -390,133 +388,3 @@ def evaluate(
             model, eval_set.dataset, eval_set.classnames, eval_set.templates, tokenize, name=eval_set.name, **options
         )
     return evaluate_retrieval(model, eval_set.dataset, tokenize, name=eval_set.name, **options)
-
-
-# ---------------------------------------------------------------------------------------------
-# Linear probe
-
-
-@torch.no_grad()
-def extract_image_features(
-    model: nn.Module,
-    dataset: Dataset,
-    *,
-    batch_size: int = 64,
-    num_workers: int = 0,
-    device: torch.device | str | None = None,
-    autocast_dtype: torch.dtype | None = None,
-    progress: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """L2-normalised image features [N, E] and labels [N] of `dataset`, in dataset order, on every rank."""
-    device = _device_of(model, device)
-    parts, labels, keys = [], [], []
-    with _eval_mode(model):
-        for images, targets, batch_keys in _batches_in_lockstep(
-            dataset, batch_size=batch_size, num_workers=num_workers, device=device, progress=progress, desc="features"
-        ):
-            with _autocast(device, autocast_dtype):
-                features = model.encode_image(images, normalize=True).float()
-            if batch_keys is not None:
-                parts.append(features)
-                labels.append(torch.as_tensor(targets, device=device))
-                keys.append(batch_keys)
-    empty = torch.zeros(0, dtype=torch.long, device=device)
-    _, features, labels_sorted = _gather_in_order(
-        _cat(keys, empty), _cat(parts, torch.zeros(0, _embed_dim(model), device=device)), _cat(labels, empty)
-    )
-    return features, labels_sorted
-
-
-def fit_logistic_regression(
-    features: torch.Tensor, labels: torch.Tensor, num_classes: int, weight_decay: float, *, max_iter: int = 1000
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Multinomial logistic regression by full-batch L-BFGS in float64.
-
-    Minimises mean cross-entropy + weight_decay / 2 * ||W||^2 (bias not penalised), the problem
-    scikit-learn's LogisticRegression solves with C = 1 / (N * weight_decay); convex, so the result
-    does not depend on the solver. Returns (weight [C, D], bias [C]).
-    """
-    x = features.double()
-    weight = torch.zeros(num_classes, x.shape[1], dtype=torch.float64, device=x.device, requires_grad=True)
-    bias = torch.zeros(num_classes, dtype=torch.float64, device=x.device, requires_grad=True)
-    optimizer = torch.optim.LBFGS(
-        [weight, bias],
-        lr=1.0,
-        max_iter=max_iter,
-        tolerance_grad=1e-10,
-        tolerance_change=1e-14,
-        history_size=20,
-        line_search_fn="strong_wolfe",
-    )
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = F.cross_entropy(x @ weight.t() + bias, labels) + 0.5 * weight_decay * weight.square().sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        optimizer.step(closure)
-    return weight.detach(), bias.detach()
-
-
-def _accuracy(weight: torch.Tensor, bias: torch.Tensor, features: torch.Tensor, labels: torch.Tensor) -> float:
-    predictions = (features.double() @ weight.t() + bias).argmax(dim=1)
-    return (predictions == labels).double().mean().item()
-
-
-def linear_probe(
-    train_features: torch.Tensor,
-    train_labels: torch.Tensor,
-    test_features: torch.Tensor,
-    test_labels: torch.Tensor,
-    *,
-    weight_decays: Sequence[float] = DEFAULT_WEIGHT_DECAYS,
-    val_fraction: float = 0.2,
-    seed: int = 0,
-) -> dict[str, float]:
-    """Logistic regression on frozen features: the weight decay with the best accuracy on a seeded
-    `val_fraction` split of the training features (ties: the stronger one) is refit on all of them
-    and scored on the test features (the protocol of Radford et al. 2021, appendix A.3)."""
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction={val_fraction} must be in (0, 1)")
-    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    order = torch.randperm(len(train_labels), generator=torch.Generator().manual_seed(seed)).to(train_labels.device)
-    num_val = max(1, int(len(order) * val_fraction))
-    val, fit = order[:num_val], order[num_val:]
-    best_accuracy, best_weight_decay = -1.0, None
-    for weight_decay in sorted(weight_decays):
-        weight, bias = fit_logistic_regression(train_features[fit], train_labels[fit], num_classes, weight_decay)
-        accuracy = _accuracy(weight, bias, train_features[val], train_labels[val])
-        if accuracy >= best_accuracy:
-            best_accuracy, best_weight_decay = accuracy, weight_decay
-    weight, bias = fit_logistic_regression(train_features, train_labels, num_classes, best_weight_decay)
-    metrics = classification_metrics(test_features.double() @ weight.t() + bias, test_labels)
-    metrics["weight_decay"] = best_weight_decay
-    metrics["val_top1"] = best_accuracy
-    return metrics
-
-
-def evaluate_linear_probe(
-    model: nn.Module,
-    train_dataset: Dataset,
-    test_dataset: Dataset,
-    *,
-    name: str = "linear_probe",
-    weight_decays: Sequence[float] = DEFAULT_WEIGHT_DECAYS,
-    val_fraction: float = 0.2,
-    seed: int = 0,
-    **encode_options: Any,
-) -> dict[str, float]:
-    """`linear_probe` on the model's image features of two (image, class index) datasets.
-
-    Returns `eval/<name>_linear_probe_top1`, `_top5`, `_mean_per_class_recall`, `_weight_decay`...
-    `encode_options` go to `extract_image_features` (batch_size, num_workers, device, ...).
-    """
-    train_features, train_labels = extract_image_features(model, train_dataset, **encode_options)
-    test_features, test_labels = extract_image_features(model, test_dataset, **encode_options)
-    metrics = linear_probe(
-        train_features, train_labels, test_features, test_labels,
-        weight_decays=weight_decays, val_fraction=val_fraction, seed=seed,
-    )
-    return {f"eval/{name}_linear_probe_{metric}": value for metric, value in metrics.items()}

@@ -8,6 +8,9 @@
     python scripts/zero_shot.py --task retrieval --model ViT-B/32 --data dataset_coco.json --images /data/coco
     # linear probe on CIFAR-100 (train split to fit, test split to score)
     python scripts/zero_shot.py --task linear-probe --model ViT-B/32 --data /data/cifar100
+    # 16-shot probes with 5 seeds (mean and spread), on a class folder with its own training folder
+    python scripts/zero_shot.py --task linear-probe --fewshot-k 16 --seeds 5 --model ViT-B/32 \
+        --data /data/pets/test --train-data /data/pets/train
 
 `--model` is anything `clip.load` accepts (a name, a checkpoint, an export) or a training run
 directory. A run evaluated with its own precision (`--precision bf16` for the trainer's default)
@@ -28,9 +31,10 @@ from typing import Any
 import torch
 
 from clip.data.eval_datasets import load_classification_set, load_retrieval_set
+from clip.linear_probe import FEATURES, check_disjoint, evaluate_linear_probe
 from clip.models.weights import CheckpointError
 from clip.tokenizer import get_tokenizer
-from clip.zero_shot import evaluate, evaluate_linear_probe
+from clip.zero_shot import evaluate
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -45,6 +49,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="what to evaluate (default: zero-shot)")
     parser.add_argument("--images", help="retrieval: image root of a caption .json (default: the file's directory)")
     parser.add_argument("--train-data", help="linear probe: training set (default: --data with split 'train')")
+    parser.add_argument("--probe-features", choices=FEATURES, default="pre-projection",
+                        help="linear probe: image features before the projection to the embedding (the CLIP "
+                             "paper's choice) or the embedding itself (default: pre-projection)")
+    parser.add_argument("--fewshot-k", type=int, metavar="K",
+                        help="linear probe: k-shot probes, K training images per class (default: the whole split)")
+    parser.add_argument("--seeds", type=int, default=3, metavar="N",
+                        help="with --fewshot-k: seeds 0..N-1 draw the K images; mean and spread reported (default: 3)")
     parser.add_argument("--split", default="test",
                         help="CIFAR split / shard subdirectory / Karpathy split (default: test)")
     parser.add_argument("--name", help="set name in the metric keys (one --data only; default: from the path)")
@@ -64,6 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.name and len(args.data) > 1:
         parser.error("--name needs exactly one --data")
+    if args.fewshot_k is not None and (args.task != "linear-probe" or args.fewshot_k < 1 or args.seeds < 1):
+        parser.error("--fewshot-k K --seeds N need --task linear-probe, K >= 1 and N >= 1")
     return args
 
 
@@ -113,9 +126,17 @@ def _open_eval_sets(args: argparse.Namespace, path: str, preprocess) -> tuple[An
         sys.exit(f"error: --data {path}: {error}")
     train_path = args.train_data or path
     try:
-        return eval_set, load_classification_set(train_path, preprocess, split="train")
+        train_set = load_classification_set(train_path, preprocess, split="train")
     except (FileNotFoundError, ValueError) as error:
         sys.exit(f"error: {'--train-data' if args.train_data else '--data'} {train_path} (split 'train'): {error}")
+    try:
+        check_disjoint(train_set.dataset, eval_set.dataset)
+    except ValueError as error:
+        where = (f"--train-data {train_path} and --data {path} overlap" if args.train_data else
+                 f"--data {path} has no separate 'train' split (an image folder, or shards without train/ and "
+                 f"test/ subdirectories, is read whole for both): pass the training images with --train-data")
+        sys.exit(f"error: --task linear-probe: {where}; {error}")
+    return eval_set, train_set
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
@@ -148,13 +169,18 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         if train_set is None:
             metrics = evaluate(model, eval_set, tokenize, **options)
         else:
-            metrics = evaluate_linear_probe(model, train_set.dataset, eval_set.dataset, name=eval_set.name, **options)
+            metrics = evaluate_linear_probe(model, train_set.dataset, eval_set.dataset, name=eval_set.name,
+                                            features=args.probe_features, fewshot_k=args.fewshot_k,
+                                            seeds=range(args.seeds), **options)
         prefix = f"eval/{eval_set.name}_"
         results[eval_set.name] = {key.removeprefix(prefix): value for key, value in metrics.items()}
 
     print(format_table(results))
     payload = {"model": args.model, "loaded": model_path, "task": args.task, "precision": args.precision,
                "results": results}
+    if args.task == "linear-probe":  # encoded at --precision, fit in float64
+        payload.update(probe_features=args.probe_features, fewshot_k=args.fewshot_k,
+                       seeds=args.seeds if args.fewshot_k else None)
     _write_json(Path(args.output), payload)
     print(f"results written to {args.output}")
     return results

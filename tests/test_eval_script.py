@@ -83,7 +83,7 @@ def test_retrieval_and_linear_probe_tasks(tmp_path, script, loaded):
     results = script.main(["--task", "linear-probe", "--model", "tiny-vit", "--data", str(tmp_path / "test"),
                            "--train-data", str(tmp_path / "train"), "--workers", "0",
                            "--output", str(tmp_path / "l.json")])
-    assert results["test"]["linear_probe_num_samples"] == 6 and "linear_probe_weight_decay" in results["test"]
+    assert results["test"]["linear_probe_num_samples"] == 6 and "linear_probe_l2" in results["test"]
 
 
 def test_name_needs_a_single_data_argument(script):

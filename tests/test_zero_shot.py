@@ -1,4 +1,4 @@
-"""Zero-shot classification, retrieval and linear probe against CLIP_benchmark and scikit-learn."""
+"""Zero-shot classification and retrieval against CLIP_benchmark (linear probes: test_linear_probe.py)."""
 
 from __future__ import annotations
 
@@ -17,12 +17,9 @@ from clip.zero_shot import (
     build_zero_shot_classifier,
     classification_metrics,
     evaluate,
-    evaluate_linear_probe,
     evaluate_retrieval,
     evaluate_zero_shot,
-    fit_logistic_regression,
     format_prompt,
-    linear_probe,
     retrieval_metrics,
 )
 from tests.eval_fixtures import one_thread, tiny_model, write_caption_set, write_image_folder  # noqa: F401
@@ -233,55 +230,6 @@ def test_autocast_runs_and_returns_float_metrics(tmp_path):
         metrics = evaluate(model, eval_set, open_clip.tokenize, autocast_dtype=torch.bfloat16)
         assert all(isinstance(value, (int, float)) and math.isfinite(value) for value in metrics.values())
         assert next(model.parameters()).dtype == torch.float32
-
-
-def _blobs(generator, num_per_class, centers):
-    labels = torch.arange(len(centers)).repeat_interleave(num_per_class)
-    return centers[labels] + 0.3 * torch.randn(len(labels), centers.shape[1], generator=generator), labels
-
-
-def test_logistic_regression_equals_sklearn():
-    """Our objective is sklearn's with C = 1 / (N * weight_decay); it is strictly convex, so both
-    solvers reach the same minimiser up to their tolerances."""
-    from sklearn.linear_model import LogisticRegression
-
-    generator = torch.Generator().manual_seed(0)
-    centers = torch.randn(3, 8, generator=generator)
-    features, labels = _blobs(generator, 30, centers)
-    weight_decay = 1e-2
-    weight, bias = fit_logistic_regression(features, labels, 3, weight_decay)
-    reference = LogisticRegression(C=1 / (len(labels) * weight_decay), tol=1e-12, max_iter=10_000)
-    reference.fit(features.double().numpy(), labels.numpy())
-    np.testing.assert_allclose(weight.numpy(), reference.coef_, atol=1e-5)
-    np.testing.assert_allclose(bias.numpy(), reference.intercept_, atol=1e-5)
-
-
-def test_linear_probe_sweeps_on_validation_and_scores_test():
-    generator = torch.Generator().manual_seed(0)
-    centers = 3 * torch.randn(4, 16, generator=generator)
-    train_features, train_labels = _blobs(generator, 25, centers)
-    test_features, test_labels = _blobs(generator, 10, centers)
-    metrics = linear_probe(train_features, train_labels, test_features, test_labels, weight_decays=[1e-4, 1e-2, 1e3])
-    assert metrics["top1"] == 1.0 and metrics["val_top1"] == 1.0
-    # A huge weight decay shrinks the weights to ~0 and cannot win on separable blobs.
-    assert metrics["weight_decay"] in (1e-4, 1e-2)
-
-
-def test_linear_probe_on_model_features(tmp_path):
-    write_image_folder(tmp_path / "train", num_classes=3, per_class=6, seed=1)
-    write_image_folder(tmp_path / "test", num_classes=3, per_class=3, seed=2)
-    transform = image_transform_eval(32)
-    model = tiny_model()
-    metrics = evaluate_linear_probe(
-        model,
-        load_classification_set(tmp_path / "train", transform).dataset,
-        load_classification_set(tmp_path / "test", transform).dataset,
-        name="synth",
-        weight_decays=[1e-3, 1e-1],
-    )
-    assert metrics["eval/synth_linear_probe_num_samples"] == 9
-    assert 0.0 <= metrics["eval/synth_linear_probe_top1"] <= 1.0
-    assert math.isfinite(metrics["eval/synth_linear_probe_weight_decay"])
 
 
 def test_collate_keeps_caption_lists():

@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from clip.data.eval_datasets import load_classification_set, load_retrieval_set
+from clip.linear_probe import extract_image_features
 from clip.transforms import image_transform_eval
-from clip.zero_shot import evaluate, evaluate_zero_shot, extract_image_features
+from clip.zero_shot import evaluate, evaluate_zero_shot
 from tests.eval_fixtures import (  # noqa: F401
     classification_members,
     one_thread,

@@ -59,6 +59,11 @@ class VisionTransformer(nn.Module):
         self.transformer.grad_checkpointing = enable
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.project(self.forward_features(image))  # [B, E]
+
+    def forward_features(self, image: torch.Tensor) -> torch.Tensor:
+        """The class token after ln_post [B, D]: the features before the projection to the shared
+        embedding space (what the CLIP paper's linear probes of ViTs read)."""
         x = self.conv1(image)  # [B, D, G, G]
         x = x.flatten(2).transpose(1, 2)  # [B, G*G, D]
         cls_token = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # [B, 1, D]
@@ -66,8 +71,10 @@ class VisionTransformer(nn.Module):
         x = self.patch_dropout(x)
         x = self.ln_pre(x)
         x = self.transformer(x)
-        x = self.ln_post(x[:, 0])  # [B, D]
-        return x @ self.proj  # [B, E]
+        return self.ln_post(x[:, 0])  # [B, D]
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        return features @ self.proj  # [B, D] -> [B, E]
 
 
 class Bottleneck(nn.Module):
@@ -121,6 +128,10 @@ class AttentionPool2d(nn.Module):
         self.heads = heads
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, G, G]
+        return self.c_proj(self.attend(x))  # [B, E]
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, G, G]
+        """The attention output before the output projection `c_proj` [B, C]."""
         x = x.flatten(2).transpose(1, 2)  # [B, G*G, C]
         x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)  # [B, 1 + G*G, C]
         x = x + self.positional_embedding.to(x.dtype)
@@ -130,7 +141,7 @@ class AttentionPool2d(nn.Module):
         k = self.k_proj(x).view(batch, length, self.heads, head_dim).transpose(1, 2)  # [B, H, L, Dh]
         v = self.v_proj(x).view(batch, length, self.heads, head_dim).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v)  # [B, H, 1, Dh]
-        return self.c_proj(out.transpose(1, 2).reshape(batch, width))  # [B, E]
+        return out.transpose(1, 2).reshape(batch, width)  # [B, C]
 
 
 class ModifiedResNet(nn.Module):
@@ -179,6 +190,10 @@ class ModifiedResNet(nn.Module):
         self.grad_checkpointing = enable
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.project(self.forward_features(image))  # [B, E]
+
+    def forward_features(self, image: torch.Tensor) -> torch.Tensor:
+        """The attention pool's output before its projection `c_proj` to the embedding [B, 32 * width]."""
         x = self.relu1(self.bn1(self.conv1(image)))
         x = self.relu2(self.bn2(self.conv2(x)))
         x = self.avgpool(self.relu3(self.bn3(self.conv3(x))))  # [B, W, H/4, W/4]
@@ -187,7 +202,10 @@ class ModifiedResNet(nn.Module):
                 x = checkpoint(stage, x, use_reentrant=False)
             else:
                 x = stage(x)
-        return self.attnpool(x)  # [B, E]
+        return self.attnpool.attend(x)  # [B, 32 * width]
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        return self.attnpool.c_proj(features)  # [B, 32 * width] -> [B, E]
 
 
 class TimmVisionTower(nn.Module):
@@ -205,7 +223,14 @@ class TimmVisionTower(nn.Module):
         self.trunk.set_grad_checkpointing(enable)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.head(self.trunk(image))
+        return self.project(self.forward_features(image))  # [B, E]
+
+    def forward_features(self, image: torch.Tensor) -> torch.Tensor:
+        """The trunk's pooled features before the projection [B, trunk.num_features]."""
+        return self.trunk(image)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features)  # [B, E]
 
 
 def build_vision_tower(cfg: VisionConfig, embed_dim: int, activation: type[nn.Module]) -> nn.Module:
