@@ -1,0 +1,1 @@
+"""Data curation: filters that turn a pool of shards into a subset file (docs/curation.md)."""
