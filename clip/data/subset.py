@@ -51,15 +51,19 @@ def _is_uid(text: str) -> bool:
     return True
 
 
-def to_array(uids: Iterable[str]) -> np.ndarray:
-    """Hex uids -> the sorted, duplicate-free structured array of a subset file."""
+def from_hex(uids: Iterable[str]) -> np.ndarray:
+    """Hex uids -> a structured uid array in the same order (a subset file also sorts it: `to_array`)."""
     pairs = []
     for uid in uids:
         if not _is_uid(uid):
             raise ValueError(f"not a uid (32 hex digits): {uid!r}")
         pairs.append((int(uid[:16], 16), int(uid[16:], 16)))
-    array = np.array(pairs, dtype=UID_DTYPE)
-    return np.unique(array)  # sorts by (uid0, uid1)
+    return np.array(pairs, dtype=UID_DTYPE)
+
+
+def to_array(uids: Iterable[str]) -> np.ndarray:
+    """Hex uids -> the sorted, duplicate-free structured array of a subset file."""
+    return np.unique(from_hex(uids))  # sorts by (uid0, uid1)
 
 
 def to_hex(array: np.ndarray) -> list[str]:
