@@ -196,3 +196,12 @@ def test_subset_and_balance_together_are_refused(subset_pool, balance_pool):
     shards, subset, _ = subset_pool
     with pytest.raises(DataConfigError, match="data.subset and data.balance are both set"):
         build_train_loader(data_config(shards, subset=subset, balance=balance_pool[1]), **loader_kwargs())
+
+
+def test_counting_a_subset_in_its_shards_gives_the_loaders_counts(subset_pool, tmp_path):
+    from clip.data.selection import count_subset_in_shards
+    from clip.data.subset import read_subset
+
+    _, subset, _ = subset_pool
+    urls = [str(tmp_path / f"shard-{i:03d}.tar") for i in range(9)]
+    assert count_subset_in_shards(read_subset(subset), urls) == {url: 5 for url in urls[:8]} | {urls[8]: 0}

@@ -185,3 +185,24 @@ def select_records(items: Iterator[Item], selector: Selector, shard: Shard, expe
             f"{shard.url}: {kept} samples selected, but the selection's counts say {expected} (the counts were "
             "made for other shards or another subset: rewrite them, docs/curation.md)"
         )
+
+
+def pool_records(urls: list[str], *, max_member_bytes: int = DataConfig.max_member_bytes) -> Iterator[Record]:
+    """Every readable record of local shards, shard by shard, in file order (no image is decoded).
+
+    Raises DataError for a shard that cannot be read to its end: counts made from part of it would be wrong.
+    """
+    for url in urls:
+        for item in read_shard(Shard(url=url, source=0), max_member_bytes=max_member_bytes, open_retries=1):
+            if isinstance(item, Record):
+                yield item
+            elif item.reason in SHARD_REASONS:
+                raise DataError(f"{url}: {item.detail}")
+
+
+def count_subset_in_shards(subset: np.ndarray, urls: list[str]) -> dict[str, int]:
+    """How many samples of each shard are in `subset` (the counts of `<subset stem>.sizes.json`)."""
+    counts = dict.fromkeys(urls, 0)
+    for record in pool_records(urls):
+        counts[record.shard] += int(contains(subset, [record.uid])[0])
+    return counts
