@@ -105,9 +105,12 @@ def _strictly_increasing(array: np.ndarray) -> bool:
     return bool(np.all((hi[1:] > hi[:-1]) | ((hi[1:] == hi[:-1]) & (lo[1:] > lo[:-1]))))
 
 
-def contains(subset: np.ndarray, uids: Iterable[str]) -> np.ndarray:
-    """Boolean mask: which of `uids` are in the sorted `subset`."""
-    query = np.array([(int(u[:16], 16), int(u[16:], 16)) for u in uids], dtype=UID_DTYPE)
+def contains(subset: np.ndarray, uids: np.ndarray | Iterable[str]) -> np.ndarray:
+    """Boolean mask: which of `uids` (hex strings, or a uid array in any order) are in the sorted `subset`."""
+    if isinstance(uids, np.ndarray) and uids.dtype == UID_DTYPE:
+        query = uids
+    else:
+        query = np.array([(int(u[:16], 16), int(u[16:], 16)) for u in uids], dtype=UID_DTYPE)
     if len(subset) == 0 or len(query) == 0:
         return np.zeros(len(query), dtype=bool)
     index = np.searchsorted(subset, query)
