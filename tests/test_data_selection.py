@@ -3,6 +3,7 @@ epochs over ranks x workers and exact mid-epoch resume (clip.data.selection)."""
 
 from __future__ import annotations
 
+import json
 import tarfile
 import zlib
 from collections import Counter
@@ -14,7 +15,7 @@ from data_shards import add_member, data_config, loader_kwargs, make_shards, tin
 from clip.curation.metaclip import Balance, count_matches, entry_probabilities, entry_uniforms, spaced
 from clip.data import DataConfigError, DataError, build_train_loader
 from clip.data.selection import write_subset_sizes
-from clip.data.subset import to_hex, uid_from_key, write_subset
+from clip.data.subset import read_subset, to_hex, uid_from_key, write_subset
 
 pytest.importorskip("ahocorasick")
 
@@ -200,8 +201,48 @@ def test_subset_and_balance_together_are_refused(subset_pool, balance_pool):
 
 def test_counting_a_subset_in_its_shards_gives_the_loaders_counts(subset_pool, tmp_path):
     from clip.data.selection import count_subset_in_shards
-    from clip.data.subset import read_subset
 
     _, subset, _ = subset_pool
     urls = [str(tmp_path / f"shard-{i:03d}.tar") for i in range(9)]
     assert count_subset_in_shards(read_subset(subset), urls) == {url: 5 for url in urls[:8]} | {urls[8]: 0}
+
+
+# --- scripts/curate.py: the sizes and metaclip subcommands
+
+
+def _curate(argv):
+    from tests.curation_fixtures import CURATE_SCRIPT, load_script
+
+    return load_script(CURATE_SCRIPT).main(argv)
+
+
+def test_curate_sizes_writes_the_counts_epoch_mode_reads(subset_pool, tmp_path):
+    shards, subset, kept = subset_pool
+    (tmp_path / "keep.sizes.json").unlink()
+    _curate(["sizes", "--subset", subset, "--shards", shards])
+    sizes = json.loads((tmp_path / "keep.sizes.json").read_text())
+    assert sizes["subset_uids"] == 40 and sorted(sizes["shards"].values()) == [0] + [5] * 8
+    keys = flat(keys_of(build_train_loader(data_config(shards, subset=subset), **loader_kwargs(batch_size=1))))
+    assert sorted(keys) == sorted(kept)
+
+
+def test_offline_metaclip_subset_equals_the_online_kept_set(balance_pool, tmp_path):
+    shards, _, key_of = balance_pool
+    (tmp_path / "entries.txt").write_text("cat\ndog\nbird\nfish\n")
+    out = tmp_path / "metaclip.npy"
+    _curate(["metaclip", "--metadata", str(tmp_path / "entries.txt"), "--shards", shards, "--t", "40",
+             "--seed", "5", "--out", str(out)])
+    offline = sorted(key_of[uid] for uid in to_hex(read_subset(out)))
+    assert 40 < len(offline) < 150
+    kwargs = loader_kwargs(batch_size=1, seed=5)  # one rank, batch 1: the epoch is every selected sample
+    online = flat(keys_of(build_train_loader(
+        data_config(shards, num_workers=2, balance=str(tmp_path / "metaclip.balance.npz")), **kwargs)))
+    from_subset = flat(keys_of(build_train_loader(data_config(shards, num_workers=2, subset=str(out)), **kwargs)))
+    assert sorted(online) == sorted(from_subset) == offline
+    # Counting once and selecting from the balance file gives the same subset; another seed another one.
+    _curate(["metaclip", "--count", "--metadata", str(tmp_path / "entries.txt"), "--shards", shards, "--t", "40",
+             "--out", str(tmp_path / "balance.npz")])
+    _curate(["metaclip", "--balance", str(tmp_path / "balance.npz"), "--seed", "5", "--out", str(tmp_path / "again.npy")])
+    assert np.array_equal(read_subset(tmp_path / "again.npy"), read_subset(out))
+    _curate(["metaclip", "--balance", str(tmp_path / "balance.npz"), "--seed", "6", "--out", str(tmp_path / "other.npy")])
+    assert not np.array_equal(read_subset(tmp_path / "other.npy"), read_subset(out))
