@@ -201,6 +201,12 @@ class DataConfig:
     allow_pipe_urls: bool = False
     # Attempts for a `pipe:` command that fails before producing any data (backoff 1 s, 2 s, 4 s, ...).
     open_retries: int = 3
+    # Train on these samples only: a DataComp subset file (.npy of uids, docs/curation.md). Epoch mode
+    # also reads the kept count of each shard from `<subset stem>.sizes.json` beside it.
+    subset: Optional[str] = None
+    # MetaCLIP balancing as the samples stream: a balance file (entries, counts, t) made by
+    # `scripts/curate.py metaclip --count`; the kept set follows from it and the run's `seed`.
+    balance: Optional[str] = None
 
 
 LOSS_NAMES = ("clip", "siglip")

@@ -10,9 +10,16 @@
     # semantic deduplication, then the samples kept per shard
     python scripts/curate.py dedup --embeddings emb/ --clusters 1000 --threshold 0.95 --out dedup.npy
     python scripts/curate.py summary image_and_clip30.npy --embeddings emb/
+    # the per-shard kept counts epoch mode needs, for a subset made elsewhere (or by and/or/minus)
+    python scripts/curate.py sizes --subset image_and_clip30.npy --shards '/data/pool/{00000..01287}.tar'
+    # MetaCLIP balancing: count metadata matches over the pool once, then a balanced subset per seed
+    python scripts/curate.py metaclip --count --metadata metadata.json --t 20000 --shards '/data/pool/{00000..01287}.tar' --out balance.npz
+    python scripts/curate.py metaclip --balance balance.npz --seed 0 --out metaclip.npy
 
 `--embeddings` is a directory written by scripts/embed.py. Every filter writes a subset file in
-DataComp's format (a sorted .npy of uids), which `data.subset=PATH` trains on (docs/curation.md).
+DataComp's format (a sorted .npy of uids), which `data.subset=PATH` trains on (docs/curation.md), and
+beside it `<name>.sizes.json`, its kept count per shard (what epoch mode needs). A balance file is
+also what `data.balance=PATH` balances online with.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+from clip.curation.metaclip import DEFAULT_THRESHOLD
 
 
 def _add_filter(commands, name: str, help: str) -> argparse.ArgumentParser:
@@ -102,7 +111,79 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     summary = commands.add_parser("summary", help="how many samples a subset keeps, per source shard")
     summary.add_argument("subset", help="a subset file")
     summary.add_argument("--embeddings", help="the pool's embedding directory: adds the per-shard counts")
+
+    sizes = commands.add_parser("sizes", help="write a subset's kept count per shard (<subset>.sizes.json) from the shards")
+    sizes.add_argument("--subset", required=True, help="a subset file")
+    sizes.add_argument("--shards", required=True, help="the pool's shards, as in data.train_shards (pattern or .txt list)")
+
+    metaclip = commands.add_parser(
+        "metaclip", help="MetaCLIP balancing: count metadata matches over the pool (--count), or write a balanced subset"
+    )
+    metaclip.add_argument("--count", action="store_true",
+                          help="match every caption of --shards against --metadata; --out is the balance file (.npz)")
+    metaclip.add_argument("--metadata", help="entries, one a line (.txt), or a JSON list (MetaCLIP's metadata.json)")
+    metaclip.add_argument("--shards", help="the pool's shards, as in data.train_shards (pattern or .txt list)")
+    metaclip.add_argument("--t", type=float, help=f"MetaCLIP's threshold t (default: the balance file's, else {DEFAULT_THRESHOLD})")
+    metaclip.add_argument("--balance", help="a balance file made by --count (else --metadata and --shards are counted first)")
+    metaclip.add_argument("--seed", type=int, default=0, help="the draws' seed; data.balance uses the run's seed (default: 0)")
+    metaclip.add_argument("--out", required=True, help="the balance file (--count) or subset file to write")
     return parser.parse_args(argv)
+
+
+def _pool_urls(spec: str) -> list[str]:
+    """The shard URLs of a data.train_shards spec, resolved as training resolves them (so the sizes agree)."""
+    from clip.config import DataConfig
+    from clip.data.sources import resolve_sources
+
+    sources = resolve_sources(DataConfig(train_shards=spec, resampled=True))
+    if any(source.csv_rows is not None for source in sources):
+        raise ValueError(f"{spec}: CSV sources need no sizes file (their counts come from the rows)")
+    return [shard.url for source in sources for shard in source.shards]
+
+
+def _write_with_sizes(path: str, uids: np.ndarray, shard_of_uid: np.ndarray, pool_shards: np.ndarray) -> None:
+    """The subset file and its `.sizes.json`: kept samples per shard, 0 for the pool's other shards."""
+    from clip.data.selection import write_subset_sizes
+    from clip.data.subset import write_subset
+
+    write_subset(path, uids)
+    counts = dict.fromkeys(map(str, pool_shards), 0)
+    names, numbers = np.unique(shard_of_uid.astype(str), return_counts=True)
+    counts.update({str(name): int(n) for name, n in zip(names, numbers)})
+    write_subset_sizes(path, len(np.unique(uids)), counts)
+
+
+def _metaclip(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from clip.curation.metaclip import Balance, count_matches, load_metadata
+    from clip.data.selection import pool_records, write_subset_sizes
+    from clip.data.subset import write_subset
+
+    if args.balance and (args.count or args.metadata or args.shards):
+        raise ValueError("metaclip: --balance selects from counts already made; --count, --metadata, --shards count anew")
+    if args.balance:
+        balance = Balance.load(args.balance)
+    else:
+        if not (args.metadata and args.shards):
+            raise ValueError("metaclip: give --metadata and --shards to count, or --balance FILE to select")
+        records = ((r.shard, r.uid, r.caption) for r in pool_records(_pool_urls(args.shards)))
+        balance = count_matches(load_metadata(args.metadata), records, threshold=args.t or DEFAULT_THRESHOLD)
+        matched = int((balance.counts > 0).sum())
+        print(f"metaclip: {balance.num_samples} samples, {len(balance.match_entry)} matches of {matched} of "
+              f"{len(balance.entries)} entries (t = {balance.threshold:g})")
+        if args.count:
+            balance.save(args.out)
+            print(f"metaclip: balance file written to {args.out}")
+            return
+        balance.save(Path(args.out).with_suffix(".balance.npz"))  # what data.balance reads, the counts kept
+    if args.t is not None:
+        balance = dataclasses.replace(balance, threshold=args.t)
+    uids, per_shard = balance.kept(args.seed)
+    write_subset(args.out, uids)
+    write_subset_sizes(args.out, len(uids), per_shard)
+    print(f"metaclip: kept {len(uids)} of {balance.num_samples} samples (t = {balance.threshold:g}, seed {args.seed}), "
+          f"written to {args.out}")
 
 
 def _read_target(path: str) -> np.ndarray:
@@ -146,13 +227,26 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from clip.curation.embeddings import read_embedding_dir
     from clip.curation.subsets import combine, summarize
+    from clip.data.sources import DataError
     from clip.data.subset import read_subset, write_subset
 
     try:
         if args.command in ("and", "or", "minus"):
             kept = combine(args.command, [read_subset(path) for path in args.subsets])
             write_subset(args.out, kept)
-            print(f"{args.command}: {len(kept)} uids written to {args.out}")
+            print(f"{args.command}: {len(kept)} uids written to {args.out}; for epoch mode write its per-shard "
+                  f"counts: python scripts/curate.py sizes --subset {args.out} --shards '<data.train_shards>'")
+            return 0
+        if args.command == "sizes":
+            from clip.data.selection import count_subset_in_shards, write_subset_sizes
+
+            subset = read_subset(args.subset)
+            counts = count_subset_in_shards(subset, _pool_urls(args.shards))
+            path = write_subset_sizes(args.subset, len(subset), counts)
+            print(f"sizes: {sum(counts.values())} of the subset's {len(subset)} uids found in {len(counts)} shards, written to {path}")
+            return 0
+        if args.command == "metaclip":
+            _metaclip(args)
             return 0
         if args.command == "summary":
             subset = read_subset(args.subset)
@@ -169,9 +263,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         table = read_embedding_dir(args.embeddings)
         mask = _filter_mask(args, table)
-    except (OSError, ValueError, ImportError) as error:
+    except (OSError, ValueError, ImportError, DataError) as error:
         sys.exit(f"error: {args.command}: {error}")
-    write_subset(args.out, table.uid[mask])
+    _write_with_sizes(args.out, table.uid[mask], table.shard[mask], np.unique(table.shard))
     print(f"{args.command}: kept {int(mask.sum())} of {len(table)} samples ({mask.mean():.1%}), written to {args.out}")
     return 0
 

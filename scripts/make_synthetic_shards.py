@@ -21,6 +21,10 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=64, help="side of the square images, pixels")
     parser.add_argument("--images-per-class", type=int, default=50, help="zero-shot images per class")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--mismatched-fraction", type=float, default=0.0,
+        help="share of training captions taken from another scene (noise for curation experiments, docs/curation.md)",
+    )
     args = parser.parse_args()
     start = time.perf_counter()
     dataset = write_synthetic_dataset(
@@ -30,6 +34,7 @@ def main() -> None:
         image_size=args.image_size,
         images_per_class=args.images_per_class,
         seed=args.seed,
+        mismatched_fraction=args.mismatched_fraction,
     )
     seconds = time.perf_counter() - start
     total = args.num_train + args.images_per_class * dataset.num_classes

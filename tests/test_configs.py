@@ -146,3 +146,20 @@ def test_help_starts_with_the_commands_a_new_user_needs(tmp_path):
     assert result.stdout.startswith("Train a CLIP model") and "+experiment=smoke output_dir=runs/smoke" in result.stdout
     assert "experiment: rn50, smoke, vit_b16, vit_b32, vit_l14" in result.stdout  # Hydra's group listing follows
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "scale, model, batch, lr, samples, warmup, beta2",
+    [  # DataComp's fixed recipes (mlfoundations/datacomp, scale_configs.py)
+        ("small", "ViT-B-32", 4096, 5e-4, 12_800_000, 500, 0.98),
+        ("medium", "ViT-B-32", 4096, 5e-4, 128_000_000, 500, 0.98),
+        ("large", "ViT-B-16", 8192, 5e-4, 1_280_000_000, 500, 0.98),
+        ("xlarge", "ViT-L-14", 90112, 1e-3, 12_800_000_000, 10000, 0.95),
+    ],
+)
+def test_datacomp_recipes_are_datacomps(scale, model, batch, lr, samples, warmup, beta2, tmp_path):
+    cfg = compose_train_config(CONFIG_DIR, [f"+experiment=datacomp_{scale}", f"output_dir={tmp_path}",
+                                            "data.train_shards=x", "data.subset=keep.npy"])
+    assert (cfg.model.name, cfg.global_batch_size, cfg.optim.lr, cfg.optim.warmup_steps) == (model, batch, lr, warmup)
+    assert cfg.optim.betas == [0.9, beta2] and cfg.optim.weight_decay == 0.2 and cfg.data.resampled
+    assert 0 <= cfg.max_steps * batch - samples < batch and cfg.data.subset == "keep.npy"

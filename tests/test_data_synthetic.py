@@ -72,3 +72,32 @@ def test_manifest_cli_names_missing_shards_before_counting(tmp_path, monkeypatch
         manifest_main([pattern])
     assert str(exit_info.value.code) == (
         f"not writing a manifest: 2 of 4 shards do not exist: {tmp_path}/train/000002.tar, {tmp_path}/train/000003.tar")
+
+
+def test_uids_and_an_opt_in_share_of_mismatched_captions(tmp_path):
+    import tarfile
+
+    from clip.data.records import Record
+    from clip.data.tar_reader import iter_tar_samples
+
+    def samples(directory, fraction):
+        write_synthetic_dataset(str(directory), num_train=200, samples_per_shard=200, images_per_class=1, seed=3,
+                                mismatched_fraction=fraction)
+        path = directory / "train" / "000000.tar"
+        with tarfile.open(path) as tar:
+            metas = [json.loads(tar.extractfile(m).read()) for m in tar.getmembers() if m.name.endswith(".json")]
+        with open(path, "rb") as f:
+            records = [r for r in iter_tar_samples(f, str(path), max_member_bytes=1 << 20) if isinstance(r, Record)]
+        return metas, records
+
+    clean, clean_records = samples(tmp_path / "clean", 0.0)
+    noisy, noisy_records = samples(tmp_path / "noisy", 0.25)
+    assert [r.uid for r in clean_records] == [m["uid"] for m in clean] == [m["uid"] for m in noisy]
+    assert len(set(m["uid"] for m in clean)) == 200 and not any(m["mismatched"] for m in clean)
+    flagged = [i for i, m in enumerate(noisy) if m["mismatched"]]
+    assert 30 <= len(flagged) <= 70  # 25% of 200, binomial
+    for i, (clean_record, noisy_record) in enumerate(zip(clean_records, noisy_records)):
+        if i in flagged:
+            assert not any(f"{o['color']} {o['shape']}" in noisy_record.caption for o in noisy[i]["objects"])
+        else:
+            assert noisy_record.caption == clean_record.caption

@@ -8,7 +8,9 @@
     image_filter.py  DataComp's image-based filter: keep clusters nearest to a target set
     dedup.py         semantic deduplication within clusters (SemDeDup)
     subsets.py       set operations on subset files and a per-shard summary
+    metaclip.py      MetaCLIP balancing: metadata matching (Aho-Corasick), entry counts, the seeded keep rule
 
 Every filter returns uids; `clip.data.subset.write_subset` writes them in DataComp's format, which
-`data.subset=PATH` trains on (docs/curation.md).
+`data.subset=PATH` trains on; MetaCLIP's balance file is also what `data.balance=PATH` balances
+online with (docs/curation.md).
 """

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections import Counter, deque
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -20,6 +21,7 @@ from torch.utils.data import DataLoader
 from clip.config import DataConfig
 from clip.data.plan import DataPlan, build_plan
 from clip.data.records import SAMPLE_REASONS, SHARD_REASONS
+from clip.data.selection import build_selector, selected_counts
 from clip.data.sources import DataError, resolve_sources
 from clip.data.stream import Batch, Position, ReaderOutput, ReaderStream
 from clip.data.worker_signals import ignore_outside_sigterm, sigterm_blocked
@@ -297,6 +299,7 @@ def build_train_loader(
 ) -> TrainLoader:
     """The training loader of `rank` (per-rank `batch_size`); `tokenize` must be safe in forked workers."""
     sources = resolve_sources(data_cfg)
+    selector = build_selector(data_cfg, seed)
     plan = build_plan(
         sources,
         world_size=world_size,
@@ -304,6 +307,7 @@ def build_train_loader(
         batch_size=batch_size,
         seed=seed,
         resampled=data_cfg.resampled,
+        count_selected=None if selector is None else partial(selected_counts, selector, resampled=data_cfg.resampled),
     )
     streams = [
         ReaderStream(
@@ -317,6 +321,7 @@ def build_train_loader(
             shuffle_buffer=data_cfg.shuffle_buffer,
             max_member_bytes=data_cfg.max_member_bytes,
             open_retries=data_cfg.open_retries,
+            selector=selector,
         )
         for reader in plan.rank_readers(rank)
     ]

@@ -10,7 +10,7 @@ import heapq
 import math
 import random
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 from clip.data.sources import DataConfigError, Shard, Source
 
@@ -30,10 +30,15 @@ class ReaderPlan:
     reader: int  # global index: rank * readers_per_rank + worker
     shards: list[Shard]
     weights: Optional[list[float]] = None  # resampled mode: draw weight of each shard
+    # With data.subset/data.balance: samples each shard yields (url -> count, where known).
+    selected: Optional[dict[str, int]] = None
+
+    def samples_in(self, shard: Shard) -> int:
+        return _samples_in(shard, self.selected)
 
     @property
     def num_samples(self) -> int:
-        return sum(s.num_samples or 0 for s in self.shards)
+        return sum(self.samples_in(s) for s in self.shards)
 
 
 @dataclass
@@ -77,22 +82,37 @@ def _csv_chunks(source: Source, num_readers: int, seed: int) -> list[Shard]:
     ]
 
 
-def _balanced_split(shards: list[Shard], num_readers: int, seed: int) -> list[list[Shard]]:
+def _samples_in(shard: Shard, selected: Optional[dict[str, int]]) -> int:
+    if selected is not None and shard.url in selected:
+        return selected[shard.url]
+    return shard.num_samples or 0
+
+
+def _balanced_split(shards: list[Shard], num_readers: int, seed: int, selected) -> list[list[Shard]]:
     """Largest shard first to the reader with the fewest samples (LPT), so readers finish together."""
     rng = seeded_rng(seed, "split")
-    order = sorted(shards, key=lambda s: (-(s.num_samples or 0), rng.random()))
+    order = sorted(shards, key=lambda s: (-_samples_in(s, selected), rng.random()))
     heap = [(0, reader) for reader in range(num_readers)]
     split: list[list[Shard]] = [[] for _ in range(num_readers)]
     for shard in order:
         total, reader = heapq.heappop(heap)
         split[reader].append(shard)
-        heapq.heappush(heap, (total + (shard.num_samples or 0), reader))
+        heapq.heappush(heap, (total + _samples_in(shard, selected), reader))
     return split
 
 
 def build_plan(
-    sources: list[Source], *, world_size: int, num_workers: int, batch_size: int, seed: int, resampled: bool
+    sources: list[Source],
+    *,
+    world_size: int,
+    num_workers: int,
+    batch_size: int,
+    seed: int,
+    resampled: bool,
+    count_selected: Optional[Callable[[list[Shard]], dict[str, int]]] = None,
 ) -> DataPlan:
+    """`count_selected`: with data.subset/data.balance, the samples each shard yields (clip.data.selection);
+    shards known to yield none are left out."""
     per_rank = readers_per_rank(num_workers)
     num_readers = world_size * per_rank
     shards = [
@@ -100,14 +120,21 @@ def build_plan(
         for source in sources
         for shard in (source.shards if source.csv_rows is None else _csv_chunks(source, num_readers, seed))
     ]
+    selected = None
+    if count_selected is not None:
+        selected = count_selected(shards)
+        shards = [s for s in shards if selected.get(s.url) != 0]
+        if not shards:
+            raise DataConfigError("data.subset/data.balance selects no sample of data.train_shards")
     if resampled:
         weight_of = {source.index: source.weight for source in sources}
         weights = [weight_of[s.source] for s in shards]
-        readers = [ReaderPlan(reader, shards, weights) for reader in range(num_readers)]
+        readers = [ReaderPlan(reader, shards, weights, selected) for reader in range(num_readers)]
         return DataPlan(world_size, per_rank, batch_size, True, readers, None)
 
     check_reader_count(len(shards), world_size, num_workers)
-    readers = [ReaderPlan(i, part) for i, part in enumerate(_balanced_split(shards, num_readers, seed))]
+    split = _balanced_split(shards, num_readers, seed, selected)
+    readers = [ReaderPlan(i, part, selected=selected) for i, part in enumerate(split)]
     # Workers batch on their own, so a rank's batches are the sum of its readers' full batches.
     rank_batches = [
         sum(r.num_samples // batch_size for r in readers[rank * per_rank : (rank + 1) * per_rank])

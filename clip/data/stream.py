@@ -24,6 +24,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from clip.data.decode import ImageDecodeError, decode_image
 from clip.data.plan import ReaderPlan, seeded_rng
 from clip.data.records import SAMPLE_REASONS, SHARD_REASONS, Item, Record, SkipEvent
+from clip.data.selection import Selector, select_records
 from clip.data.shard_reader import read_shard
 from clip.data.sources import DataError, Shard
 
@@ -211,6 +212,7 @@ class ReaderStream(IterableDataset):
         shuffle_buffer: int,
         max_member_bytes: int,
         open_retries: int,
+        selector: Optional[Selector] = None,
     ):
         self.plan = plan
         self.seed = seed
@@ -222,6 +224,7 @@ class ReaderStream(IterableDataset):
         self.shuffle_buffer = max(1, shuffle_buffer)
         self.max_member_bytes = max_member_bytes
         self.open_retries = open_retries
+        self.selector = selector  # data.subset / data.balance (clip.data.selection)
         # Written by the training process before each iter(): persistent workers read it on reset.
         self.start = multiprocessing.get_context().Array("q", 3, lock=False)
 
@@ -242,7 +245,12 @@ class ReaderStream(IterableDataset):
         return order[group * k : (group + 1) * k]
 
     def _read(self, shard: Shard) -> Iterator[Item]:
-        return read_shard(shard, max_member_bytes=self.max_member_bytes, open_retries=self.open_retries)
+        items = read_shard(shard, max_member_bytes=self.max_member_bytes, open_retries=self.open_retries)
+        if self.selector is None:
+            return items
+        # Before positions are counted: they count selected records only (clip.data.selection).
+        expected = self.plan.selected.get(shard.url) if self.plan.selected is not None else None
+        return select_records(items, self.selector, shard, expected)
 
     def iter_items(self, position: Position) -> Iterator[tuple[Position, Item]]:
         """Every record and event from `position` on, each with the position just after it."""

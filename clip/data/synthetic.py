@@ -3,7 +3,7 @@
 Used by the smoke training job and the tests (no downloads). Every sample is a pure function of
 `(seed, index)`, so the output is identical however it is split into shards. Layout (docs/data.md):
 
-    <out>/train/000000.tar ...   WebDataset shards: <key>.jpg, <key>.txt, <key>.json
+    <out>/train/000000.tar ...   WebDataset shards: <key>.jpg, <key>.txt, <key>.json (uid, objects, ...)
     <out>/train/sizes.json       per-shard sample counts (epoch mode, truncation checks)
     <out>/zeroshot/00_red_circle/000000.jpg ...   held-out classification set, one folder per class
     <out>/zeroshot/classnames.txt, templates.txt  class names (folder order) and prompt templates
@@ -19,6 +19,8 @@ import random
 from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
+
+from clip.data.subset import uid_from_key
 
 COLORS = {
     "red": (220, 40, 40),
@@ -170,10 +172,27 @@ def zeroshot_classes() -> list[tuple[str, str]]:
     return [(color, shape) for color in ZEROSHOT_COLORS for shape in ZEROSHOT_SHAPES]
 
 
+def _mismatched_caption(seed: int, index: int, image_size: int, meta: dict) -> str:
+    """A caption of another scene that names none of the image's (colour, shape) objects."""
+    drawn = {(o["color"], o["shape"]) for o in meta["objects"]}
+    for attempt in range(100):
+        _, caption, other = render_scene(random.Random(f"{seed}/mismatch/{index}/{attempt}"), image_size)
+        if not drawn & {(o["color"], o["shape"]) for o in other["objects"]}:
+            return caption
+    raise RuntimeError(f"no mismatched caption for sample {index}")  # 100 draws that all overlap: never in practice
+
+
 def write_train_shards(
-    out_dir: str, *, num_samples: int, samples_per_shard: int, image_size: int, seed: int
+    out_dir: str, *, num_samples: int, samples_per_shard: int, image_size: int, seed: int, mismatched_fraction: float = 0.0
 ) -> str:
-    """Write WebDataset shards and their sizes.json; returns the brace pattern of the shards."""
+    """Write WebDataset shards and their sizes.json; returns the brace pattern of the shards.
+
+    A `mismatched_fraction` of the samples (drawn from the seed) get the caption of another scene, as web
+    data has pairs whose text does not describe the image; their json has `"mismatched": true`. Each
+    sample's json holds its uid (clip.data.subset), as img2dataset's does.
+    """
+    if not 0.0 <= mismatched_fraction <= 1.0:
+        raise ValueError(f"mismatched_fraction={mismatched_fraction} must be in [0, 1]")
     from webdataset import TarWriter
 
     os.makedirs(out_dir, exist_ok=True)
@@ -187,6 +206,10 @@ def write_train_shards(
         with open(tmp, "wb") as f, TarWriter(f, encoder=False, mtime=_MTIME) as writer:
             for index in range(first, last):
                 image, caption, meta = render_scene(random.Random(f"{seed}/train/{index}"), image_size)
+                mismatched = random.Random(f"{seed}/mismatched/{index}").random() < mismatched_fraction
+                if mismatched:
+                    caption = _mismatched_caption(seed, index, image_size, meta)
+                meta = {**meta, "uid": uid_from_key(f"synthetic/{seed}/{index}"), "mismatched": mismatched}
                 writer.write(
                     {
                         "__key__": f"{index:09d}",
@@ -227,6 +250,7 @@ def write_synthetic_dataset(
     image_size: int = 64,
     images_per_class: int = 50,
     seed: int = 0,
+    mismatched_fraction: float = 0.0,
 ) -> SyntheticDataset:
     """Write train shards and the zero-shot set under `out_dir` (deterministic from `seed`)."""
     train = write_train_shards(
@@ -235,6 +259,7 @@ def write_synthetic_dataset(
         samples_per_shard=samples_per_shard,
         image_size=image_size,
         seed=seed,
+        mismatched_fraction=mismatched_fraction,
     )
     zeroshot_dir = os.path.join(out_dir, "zeroshot")
     num_classes = write_zeroshot_set(zeroshot_dir, images_per_class=images_per_class, image_size=image_size, seed=seed)
