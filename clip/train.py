@@ -88,8 +88,9 @@ from clip.logger import MetricsLogger, setup_console_logging
 from clip.loss import build_loss
 from clip.models import CLIP
 from clip.models.convert import read_checkpoint, read_checkpoint_config
+from clip.models.export import check_model_config, export_state_dict
 from clip.models.text_packing import PackedText
-from clip.models.weights import check_model_config, export_state_dict, load_weights
+from clip.models.weights import load_weights
 from clip.objective import ContrastiveModel, forward_backward, prepare_texts
 from clip.precision import build_grad_scaler, get_autocast
 from clip.tokenizer import Tokenizer, get_tokenizer
