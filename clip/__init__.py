@@ -6,12 +6,12 @@
 Importing `clip` loads torch and the model code only: never Hydra, wandb or webdataset.
 """
 
-__version__ = "0.1.0"
-
 from clip.api import available_models, create_model, create_model_and_transforms, load
 from clip.models import CLIP, list_models
-from clip.models.weights import CheckpointFormatError, CheckpointMismatchError, UnsafeCheckpointError, export_model
+from clip.models.hub_export import export_model
+from clip.models.weights import CheckpointFormatError, CheckpointMismatchError, UnsafeCheckpointError
 from clip.tokenizer import get_tokenizer, tokenize
+from clip.version import __version__
 
 __all__ = [
     "CLIP",

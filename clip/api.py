@@ -35,8 +35,9 @@ from clip.models.convert import (
     read_checkpoint_config,
     resize_positional_embeddings,
 )
+from clip.models.export import check_model_config
 from clip.models.registry import get_model_config, list_models
-from clip.models.weights import CheckpointError, CheckpointMismatchError, check_model_config, load_weights
+from clip.models.weights import CheckpointError, CheckpointMismatchError, load_weights
 from clip.transforms import image_transform_eval, image_transform_train
 
 logger = logging.getLogger(__name__)

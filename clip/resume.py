@@ -50,7 +50,8 @@ from clip.checkpoint import (
 from clip.config import CheckpointConfig, ConfigError, TrainConfig, to_model_config
 from clip.models import CLIP
 from clip.models.convert import read_checkpoint, read_checkpoint_config
-from clip.models.weights import check_model_config, load_weights
+from clip.models.export import check_model_config
+from clip.models.weights import load_weights
 from clip.step import MAX_LOGIT_SCALE, NonFiniteLossError, Progress, clamp_logit_scale, logit_scale_value
 
 logger = logging.getLogger(__name__)

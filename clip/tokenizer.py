@@ -22,9 +22,8 @@ from __future__ import annotations
 
 import array
 import functools
-import hashlib
+import gzip
 import html
-import json
 import re
 import unicodedata
 from collections.abc import Sequence
@@ -38,6 +37,8 @@ import tokenizers
 import torch
 
 from clip.config import ConfigError, TextConfig
+from clip.models.export import get_tokenizer_json
+from clip.models.registry import MODEL_CONFIGS, OPENAI_NAMES, get_model_config
 
 OPENAI = "openai"
 DEFAULT_CONTEXT_LENGTH = 77
@@ -270,58 +271,25 @@ _BYTE_SYMBOLS = {byte: char for byte, char in zip(_BYTE_ORDER, _BYTE_CHARS)}
 
 
 @functools.cache
-def _openai_backend() -> tokenizers.Tokenizer:
-    """OpenAI's vocabulary and merges as a `tokenizers` BPE model with a byte-level decoder."""
-    import gzip
-
+def openai_bpe() -> tuple[list[str], list[tuple[str, str]]]:
+    """OpenAI's BPE: its tokens in id order (the two special tokens last, 49,408 in all) and its merges
+    in rank order, as read from the merges file shipped with the package."""
     with gzip.open(_MERGES_PATH, "rt", encoding="utf-8") as f:
         lines = f.read().split("\n")[1 : _NUM_OPENAI_MERGES + 1]  # line 0 is a version header
     merges = [tuple(line.split()) for line in lines]
     tokens = _BYTE_CHARS + [c + "</w>" for c in _BYTE_CHARS] + [a + b for a, b in merges]
-    bpe = tokenizers.models.BPE({t: i for i, t in enumerate(tokens)}, merges, end_of_word_suffix="</w>")
+    return tokens + [SOT_TEXT, EOT_TEXT], merges
+
+
+@functools.cache
+def _openai_backend() -> tokenizers.Tokenizer:
+    """OpenAI's vocabulary and merges as a `tokenizers` BPE model with a byte-level decoder."""
+    tokens, merges = openai_bpe()
+    bpe = tokenizers.models.BPE({t: i for i, t in enumerate(tokens[:-2])}, merges, end_of_word_suffix="</w>")
     backend = tokenizers.Tokenizer(bpe)
     backend.decoder = tokenizers.decoders.ByteLevel()
     backend.add_special_tokens([SOT_TEXT, EOT_TEXT])  # ids 49406, 49407
     return backend
-
-
-# A model export (clip.export_model) whose vocabulary is not OpenAI's carries its tokenizer.json in
-# these header metadata entries, so the export alone tokenizes as in training.
-EXPORT_TOKENIZER_KEY = "tokenizer_json"
-EXPORT_TOKENIZER_HASH_KEY = "tokenizer_sha256"
-
-
-def get_tokenizer_json(source: str) -> str:
-    """The tokenizer.json text of `source`: a tokenizer.json file, or a model export (.safetensors)
-    that carries one."""
-    if not Path(source).is_file():
-        raise FileNotFoundError(
-            f"tokenizer file {source!r} does not exist (expected 'openai', a tokenizer.json or a model export)"
-        )
-    if not source.endswith(".safetensors"):
-        return Path(source).read_text(encoding="utf-8")
-    from clip.models.weights import read_safetensors_header
-
-    _, metadata = read_safetensors_header(source)
-    text = metadata.get(EXPORT_TOKENIZER_KEY)
-    if text is None:
-        raise ValueError(f"{source!r} carries no tokenizer (its model uses 'openai', or it is not a clip export)")
-    if hashlib.sha256(text.encode()).hexdigest() != metadata.get(EXPORT_TOKENIZER_HASH_KEY):
-        raise ValueError(f"{source!r}: the embedded tokenizer does not match its hash (edited or corrupt)")
-    return text
-
-
-def tokenizer_identity(source: str) -> str:
-    """What makes two `model.text.tokenizer` values the same vocabulary: 'openai', or the sha256 of
-    the tokenizer.json content (key order and layout aside) wherever it is stored; a source that
-    cannot be read is its own string."""
-    if source == OPENAI:
-        return OPENAI
-    try:
-        content = json.loads(get_tokenizer_json(source))
-    except (OSError, ValueError):
-        return source
-    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
 def _json_tokenizer(path: str, context_length: int) -> Tokenizer:
@@ -361,28 +329,21 @@ def _load(name: str, context_length: int) -> Tokenizer:
     return _json_tokenizer(name, context_length)
 
 
-def get_tokenizer(source: Union[str, "TextConfig"] = OPENAI) -> Tokenizer:
+def get_tokenizer(source: Union[str, TextConfig] = OPENAI) -> Tokenizer:
     """The tokenizer of a text tower: from its `TextConfig`, a registered model name, "openai", a
     tokenizer.json path, or a model export carrying one (paths give rows of the default 77 tokens).
     A `TextConfig` must agree with it on `vocab_size` and `eot_token_id`.
 
     Instances are cached per process and safe to use in forked DataLoader workers.
     """
-    from clip.config import TextConfig
-
     if isinstance(source, TextConfig):
         tokenizer = _load(source.tokenizer, source.context_length)
         _check_text_config(tokenizer, source)
         return tokenizer
     if not isinstance(source, str):
         raise TypeError(f"get_tokenizer takes a TextConfig or a str, not {type(source).__name__}")
-    if source != OPENAI and not source.endswith(".json"):
-        from clip.models.registry import MODEL_CONFIGS, OPENAI_NAMES
-
-        if source in MODEL_CONFIGS or source in OPENAI_NAMES:
-            from clip.models import get_model_config
-
-            return get_tokenizer(get_model_config(source).text)
+    if source != OPENAI and not source.endswith(".json") and (source in MODEL_CONFIGS or source in OPENAI_NAMES):
+        return get_tokenizer(get_model_config(source).text)
     return _load(source, DEFAULT_CONTEXT_LENGTH)
 
 

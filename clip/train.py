@@ -48,7 +48,7 @@ from clip.lifecycle import Faults, StopRequest, Watchdog
 from clip.logger import MetricsLogger, setup_console_logging
 from clip.loss import build_loss
 from clip.models import CLIP
-from clip.models.weights import export_state_dict
+from clip.models.export import export_state_dict
 from clip.optim import build_optimizer, get_lr
 from clip.parallelize import apply_tower_lock, build_train_module
 from clip.precision import build_grad_scaler, get_autocast

@@ -17,7 +17,8 @@ from clip.models.convert import (
     read_checkpoint,
     resize_positional_embedding,
 )
-from clip.models.weights import CheckpointFormatError, CheckpointMismatchError, export_model
+from clip.models.hub_export import export_model
+from clip.models.weights import CheckpointFormatError, CheckpointMismatchError
 
 
 def _save_openclip(model, path, layout):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import clip
-from clip.models.weights import export_model
+from clip.models.hub_export import export_model
 from tests.test_bench_train import bench  # noqa: F401  (the fixture that loads scripts/bench_train.py)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import clip
 from clip.config import TextConfig
 from clip.models import CLIP, get_model_config
-from clip.models.weights import config_differences
+from clip.models.export import config_differences
 from clip.tokenizer import clean_text, get_tokenizer, tokenize
 
 open_clip_tokenizer = pytest.importorskip("open_clip.tokenizer")  # test-only reference

@@ -11,11 +11,11 @@ from references import assert_same_outputs, build_openclip, sample_inputs
 
 import clip
 from clip.models import get_model_config
+from clip.models.hub_export import export_model
 from clip.models.weights import (
     CheckpointFormatError,
     CheckpointMismatchError,
     UnsafeCheckpointError,
-    export_model,
     load_weights,
     read_safetensors_header,
 )

@@ -1,7 +1,7 @@
 """Checkpoints from OpenAI, OpenCLIP, Hugging Face and our own exports -> (config, OpenAI-layout state dict).
 
 Formats, detected from the file's bytes (never from its name):
-- our export: safetensors with the model config in its metadata (`clip.models.weights.export_model`);
+- our export: safetensors with the model config in its metadata (`clip.models.export`);
 - OpenAI's release archives: TorchScript zips, read without running them (`clip.models.torchscript`);
 - state dicts in OpenAI's key layout (OpenAI, OpenCLIP) as `.pt`/`.bin` (torch zip or legacy pickle,
   read with `weights_only=True`) or `.safetensors`, bare or wrapped in {"state_dict": ...}, with or
@@ -25,16 +25,14 @@ import torch
 import torch.nn.functional as F
 
 from clip.config import ModelConfig, TextConfig, VisionConfig, model_config_to_dict
+from clip.models.export import ADAPTABLE_CONFIG_FIELDS, config_differences, read_export_config
 from clip.models.registry import get_model_config, list_models
 from clip.models.torchscript import is_torchscript_archive, read_torchscript_state_dict
 from clip.models.weights import (
-    ADAPTABLE_CONFIG_FIELDS,
     CheckpointFormatError,
     PathLike,
-    config_differences,
     load_safetensors_file,
     load_torch_file,
-    read_export_config,
     read_safetensors_header,
 )
 
@@ -215,6 +213,59 @@ def hf_config_to_model_config(hf: dict, path: PathLike = "config.json") -> Model
         raise CheckpointFormatError(f"{path}: Hugging Face CLIP config lacks {exc}") from None
 
 
+def model_config_to_hf_config(cfg: ModelConfig) -> dict:
+    """ModelConfig -> Hugging Face `CLIPConfig` dict (config.json), the inverse of `hf_config_to_model_config`.
+
+    Raises ValueError naming what transformers' CLIPModel cannot hold: an image tower that is not a ViT,
+    a logit bias, an end-of-text id of 2 (which transformers reads as its legacy argmax pooling).
+    """
+    problems = []
+    if cfg.vision.kind != "vit":
+        problems.append(
+            f"model.vision.kind={cfg.vision.kind!r}: transformers' CLIPModel has a ViT image tower only "
+            "(no ResNet or timm backbone)"
+        )
+    if cfg.init_logit_bias is not None:
+        problems.append("model.init_logit_bias is set: transformers' CLIPModel has no logit bias (SigLIP's)")
+    if cfg.text.eot_token_id == 2:
+        problems.append("model.text.eot_token_id=2: transformers pools such configs at argmax(input_ids) instead")
+    if problems:
+        raise ValueError("cannot export as a Hugging Face CLIPModel: " + "; ".join(problems))
+    vision, text = cfg.vision, cfg.text
+    common = {"hidden_act": cfg.activation, "layer_norm_eps": 1e-5, "projection_dim": cfg.embed_dim}  # same names
+    return {
+        "architectures": ["CLIPModel"],
+        "model_type": "clip",
+        "projection_dim": cfg.embed_dim,
+        "logit_scale_init_value": cfg.init_logit_scale,
+        "vision_config": {
+            "model_type": "clip_vision_model",
+            "image_size": vision.image_size,
+            "patch_size": vision.patch_size,
+            "num_channels": 3,
+            "hidden_size": vision.width,
+            "intermediate_size": vision.mlp_width,
+            "num_hidden_layers": vision.layers,
+            "num_attention_heads": vision.heads,
+            **common,
+        },
+        "text_config": {
+            "model_type": "clip_text_model",
+            "vocab_size": text.vocab_size,
+            "max_position_embeddings": text.context_length,
+            "hidden_size": text.width,
+            "intermediate_size": text.mlp_width,
+            "num_hidden_layers": text.layers,
+            "num_attention_heads": text.heads,
+            "eos_token_id": text.eot_token_id,
+            **common,
+        },
+    }
+
+
+# One table of names, read in both directions: Hugging Face -> OpenAI layout when loading a
+# CLIPModel directory, OpenAI layout -> Hugging Face when exporting one.
+_HF_TOWERS = {"text_model": "", "vision_model": "visual."}  # block prefix in each layout
 _HF_BLOCK = re.compile(r"^(text_model|vision_model)\.encoder\.layers\.(\d+)\.(.+)$")
 _HF_BLOCK_PARTS = {
     "layer_norm1": "ln_1",
@@ -237,7 +288,14 @@ _HF_TOP = {
     "vision_model.post_layernorm.bias": "visual.ln_post.bias",
     "logit_scale": "logit_scale",
 }
+# nn.Linear weights [E, D] in HF, plain [D, E] matrices in OpenAI's layout.
 _HF_TRANSPOSED = {"text_projection.weight": "text_projection", "visual_projection.weight": "visual.proj"}
+_OPENAI_BLOCK = re.compile(r"^(visual\.|)transformer\.resblocks\.(\d+)\.(.+)$")
+# The same tables inverted, for the export.
+_OPENAI_TOWERS = {ours: hf for hf, ours in _HF_TOWERS.items()}
+_OPENAI_BLOCK_PARTS = {ours: hf for hf, ours in _HF_BLOCK_PARTS.items()}
+_OPENAI_TOP = {ours: hf for hf, ours in _HF_TOP.items()}
+_OPENAI_TRANSPOSED = {ours: hf for hf, ours in _HF_TRANSPOSED.items()}
 
 
 def hf_state_dict_to_openai(hf: Mapping[str, torch.Tensor], cfg: ModelConfig, path: PathLike = "") -> dict:
@@ -254,10 +312,10 @@ def hf_state_dict_to_openai(hf: Mapping[str, torch.Tensor], cfg: ModelConfig, pa
         if key in _HF_TOP:
             out[_HF_TOP[key]] = value
         elif key in _HF_TRANSPOSED:
-            out[_HF_TRANSPOSED[key]] = value.t().contiguous()  # nn.Linear [E, D] -> OpenAI's [D, E] matrix
+            out[_HF_TRANSPOSED[key]] = value.t().contiguous()
         elif match := _HF_BLOCK.match(key):
             tower, index, rest = match.groups()
-            block = f"{'visual.' if tower == 'vision_model' else ''}transformer.resblocks.{index}"
+            block = f"{_HF_TOWERS[tower]}transformer.resblocks.{index}"
             if attn := re.fullmatch(r"self_attn\.([qkv])_proj\.(weight|bias)", rest):
                 qkv[f"{block}.attn.in_proj_{attn.group(2)}"][attn.group(1)] = value
                 continue
@@ -274,6 +332,36 @@ def hf_state_dict_to_openai(hf: Mapping[str, torch.Tensor], cfg: ModelConfig, pa
         out[key] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
     if unknown:
         raise CheckpointFormatError(f"{path}: Hugging Face keys with no CLIP counterpart: {', '.join(unknown[:10])}")
+    return out
+
+
+def openai_state_dict_to_hf(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of `hf_state_dict_to_openai` for a ViT CLIP: `in_proj` is split into q/k/v projections.
+
+    A key the table does not know (a ResNet or timm tower, a SigLIP logit_bias) raises ValueError naming it.
+    """
+    out: dict[str, torch.Tensor] = {}
+    unknown = []
+    for key, value in state_dict.items():
+        if key in _OPENAI_TOP:
+            out[_OPENAI_TOP[key]] = value
+        elif key in _OPENAI_TRANSPOSED:
+            out[_OPENAI_TRANSPOSED[key]] = value.t().contiguous()
+        elif match := _OPENAI_BLOCK.match(key):
+            tower, index, rest = match.groups()
+            block = f"{_OPENAI_TOWERS[tower]}.encoder.layers.{index}"
+            module, _, param = rest.rpartition(".")
+            if attn := re.fullmatch(r"attn\.in_proj_(weight|bias)", rest):
+                for name, part in zip("qkv", value.chunk(3, dim=0)):
+                    out[f"{block}.self_attn.{name}_proj.{attn.group(1)}"] = part.contiguous()
+            elif module in _OPENAI_BLOCK_PARTS:
+                out[f"{block}.{_OPENAI_BLOCK_PARTS[module]}.{param}"] = value
+            else:
+                unknown.append(key)
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(f"weights with no Hugging Face CLIPModel counterpart: {', '.join(unknown[:10])}")
     return out
 
 

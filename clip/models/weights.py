@@ -1,18 +1,13 @@
-"""Model weights in and out: safe file readers, strict loading, config checks and the export format.
+"""Model weights in: safe file readers and strict loading.
 
 Nothing here executes code from a file: `.pt`/`.bin` files are read with `torch.load(weights_only=True)`
 and never retried without it (docs/guarantees.md); `.safetensors` files have their header checked against
 the file size before any tensor is read. TorchScript archives have their own reader in
-`clip.models.torchscript`.
-
-The export format is one safetensors file: the state dict in OpenAI's key layout (so OpenAI-layout
-loaders such as OpenCLIP's `pretrained=` read it too) and, in the header metadata, the model config as
-JSON (plus the tokenizer.json of a vocabulary other than OpenAI's). `clip.load(path)` needs nothing else.
+`clip.models.torchscript`; our export format (weights + config + tokenizer) is `clip.models.export`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -21,26 +16,14 @@ import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Union
 
 import torch
 from torch import nn
 
-from clip.config import ModelConfig, model_config_to_dict
-from clip.tokenizer import EXPORT_TOKENIZER_HASH_KEY, EXPORT_TOKENIZER_KEY, get_tokenizer_json, tokenizer_identity
-
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
-
-EXPORT_FORMAT = "clip-train-export"
-EXPORT_FORMAT_VERSION = "1"
-
-# Config fields a checkpoint may differ in from the model it is loaded into: image size is adapted by
-# interpolating positional embeddings, the others do not change the trained function.
-ADAPTABLE_CONFIG_FIELDS = frozenset(
-    {"vision.image_size", "vision.patch_dropout", "vision.timm_pretrained", "init_logit_scale", "init_logit_bias"}
-)
 
 
 class CheckpointError(Exception):
@@ -48,7 +31,7 @@ class CheckpointError(Exception):
 
 
 class UnsafeCheckpointError(CheckpointError):
-    """The file's pickle wants to build objects other than tensors and plain containers (a `weights_only` load refused it)."""
+    """The file's pickle wants to build objects other than tensors and plain containers (S1)."""
 
 
 class CheckpointFormatError(CheckpointError):
@@ -56,14 +39,14 @@ class CheckpointFormatError(CheckpointError):
 
 
 class CheckpointMismatchError(CheckpointError):
-    """The checkpoint was made for another architecture than the model it is loaded into."""
+    """The checkpoint was made for another architecture than the model it is loaded into (G16)."""
 
 
 # --------------------------------------------------------------------------------------------- readers
 
 
 def load_torch_file(path: PathLike) -> Any:
-    """`torch.load` a file we did not write, with `weights_only=True` and no fallback.
+    """`torch.load` a file we did not write, with `weights_only=True` and no fallback (S1).
 
     Tensors, dicts, lists and primitives come back; anything that would build another object raises
     `UnsafeCheckpointError` naming the refused global, before that object is built.
@@ -88,7 +71,7 @@ _SAFETENSORS_DTYPE_BYTES = {
 
 
 def read_safetensors_header(path: PathLike) -> tuple[dict[str, dict], dict[str, str]]:
-    """Parse and validate a safetensors header without reading tensor data.
+    """Parse and validate a safetensors header without reading tensor data (S2).
 
     Returns (tensor entries {name: {dtype, shape, data_offsets}}, metadata). Checks that the header fits
     in the file, that every tensor's byte range matches its dtype and shape, and that the ranges cover the
@@ -142,70 +125,6 @@ def load_safetensors_file(path: PathLike) -> tuple[dict[str, torch.Tensor], dict
 
     _, metadata = read_safetensors_header(path)
     return load_file(str(path), device="cpu"), metadata
-
-
-# ------------------------------------------------------------------------------------ config checks
-
-
-def _flatten(data: Mapping, prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in data.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-_ABSENT = "<absent>"  # a field one side does not have (configs from another library version)
-
-
-def config_differences(
-    stored: Union[Mapping, ModelConfig], current: Union[Mapping, ModelConfig], ignore=ADAPTABLE_CONFIG_FIELDS
-) -> list[tuple[str, Any, Any]]:
-    """[(dotted field, stored value, current value)] for the architecture fields that differ, `ignore` aside.
-
-    MLP ratios that give the same hidden width (4.9231 and 8192 / 1664 for width 1664) are equal.
-    """
-    old, new = (_flatten(c if isinstance(c, Mapping) else model_config_to_dict(c)) for c in (stored, current))
-
-    def same(key: str) -> bool:
-        if old.get(key, _ABSENT) == new.get(key, _ABSENT):
-            return True
-        if key == "text.tokenizer" and _ABSENT not in (old.get(key, _ABSENT), new.get(key, _ABSENT)):
-            return tokenizer_identity(old[key]) == tokenizer_identity(new[key])  # one vocabulary, two places
-        tower, _, name = key.rpartition(".")
-        if name != "mlp_ratio" or _ABSENT in (old.get(key, _ABSENT), new.get(key, _ABSENT)):
-            return False
-        width = f"{tower}.width"
-        return old.get(width) == new.get(width) and int(old[width] * old[key]) == int(new[width] * new[key])
-
-    return [
-        (key, old.get(key, _ABSENT), new.get(key, _ABSENT))
-        for key in sorted(set(old) | set(new))
-        if key not in ignore and not same(key)
-    ]
-
-
-def check_model_config(
-    stored: Mapping,
-    current: ModelConfig,
-    source: str = "checkpoint",
-    hint: str = "Pass partial_init=True to load the matching tensors only.",
-) -> None:
-    """Raise `CheckpointMismatchError` if `stored` (a config dict from a checkpoint) is not `current`'s architecture.
-
-    Call it before reading tensors. Fields in `ADAPTABLE_CONFIG_FIELDS` may differ.
-    """
-    diffs = config_differences(stored, current)
-    if diffs:
-
-        def show(value):
-            return repr(value) if isinstance(value, str) and value is not _ABSENT else str(value)
-
-        trained = ", ".join(f"model.{key}={show(old)}" for key, old, _ in diffs)
-        now = ", ".join(show(new) for _, _, new in diffs)
-        raise CheckpointMismatchError(f"{source} was trained with {trained}; current config has {now}. {hint}")
 
 
 # ----------------------------------------------------------------------------------- strict loading
@@ -269,71 +188,3 @@ def load_weights(
     if partial:
         logger.warning("partial load from %s: %s", source, report)
     return report
-
-
-# -------------------------------------------------------------------------------------------- export
-
-
-def _config_hash(config_json: str) -> str:
-    return hashlib.sha256(config_json.encode()).hexdigest()
-
-
-def export_state_dict(
-    state_dict: Mapping[str, torch.Tensor],
-    config: ModelConfig,
-    path: PathLike,
-    metadata: Optional[Mapping[str, str]] = None,
-) -> Path:
-    """Write `state_dict` (OpenAI key layout) and `config` as one safetensors file at `path`.
-
-    For the trainer: pass the unwrapped (or EMA, or gathered FSDP) full state dict. Tensors are stored
-    as they are (dtype kept), so loading the file back is bit-exact. The file appears atomically
-    (written to `<path>.tmp`, fsynced, renamed). `metadata` adds string entries (e.g. the run name).
-    """
-    from safetensors.torch import save_file
-
-    from clip import __version__  # here: clip/__init__.py imports this module
-
-    path = Path(path)
-    config_json = json.dumps(model_config_to_dict(config), sort_keys=True)
-    header = {
-        **(metadata or {}),
-        "format": EXPORT_FORMAT,
-        "format_version": EXPORT_FORMAT_VERSION,
-        "library_version": __version__,
-        "model_config": config_json,
-        "model_config_hash": _config_hash(config_json),
-    }
-    if config.text.tokenizer != "openai":  # the export must tokenize without the training machine's files
-        tokenizer_json = get_tokenizer_json(config.text.tokenizer)
-        header[EXPORT_TOKENIZER_KEY] = tokenizer_json
-        header[EXPORT_TOKENIZER_HASH_KEY] = hashlib.sha256(tokenizer_json.encode()).hexdigest()
-    tensors = {key: value.detach().to("cpu").contiguous() for key, value in state_dict.items()}
-    tmp = path.with_name(path.name + ".tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(tmp), metadata=header)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
-
-
-def export_model(model: nn.Module, path: PathLike, metadata: Optional[Mapping[str, str]] = None) -> Path:
-    """Export a `clip.CLIP` (its `config` and weights) for `clip.load(path)` and OpenCLIP's `pretrained=`."""
-    return export_state_dict(model.state_dict(), model.config, path, metadata)
-
-
-def read_export_config(metadata: Mapping[str, str], path: PathLike) -> Optional[dict]:
-    """The model config dict stored in an export's metadata, or None for a plain safetensors file."""
-    if metadata.get("format") != EXPORT_FORMAT:
-        return None
-    version = metadata.get("format_version")
-    if version != EXPORT_FORMAT_VERSION:
-        raise CheckpointFormatError(f"{path}: export format version {version!r} is not supported (expected 1)")
-    config_json = metadata.get("model_config", "")
-    if metadata.get("model_config_hash") != _config_hash(config_json):
-        raise CheckpointFormatError(f"{path}: the stored model config does not match its hash (edited or corrupt)")
-    config = json.loads(config_json)
-    if EXPORT_TOKENIZER_KEY in metadata:  # the vocabulary travels inside the export: read it from there
-        config["text"]["tokenizer"] = str(Path(path).resolve())
-    return config
