@@ -5,6 +5,8 @@ Test-only: the library never imports open_clip or transformers.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from clip.config import ModelConfig
@@ -73,3 +75,22 @@ def _reference_logits(reference, images, text):
         return out["logit_scale"] * out["image_features"] @ out["text_features"].t()
     image_features, text_features, logit_scale = out[:3]
     return logit_scale * image_features @ text_features.t()
+
+
+def write_openai_archive(path, name: str = "tiny-vit", **overrides):
+    """Like OpenAI's releases: a traced CLIP in fp16 with their scalar `input_resolution`... buffers.
+    Returns the fp32 model it was traced from."""
+    import clip
+
+    model = clip.create_model(name, **overrides).eval()
+    del model.context_length, model.vocab_size  # they become buffers, as in OpenAI's archives
+    size = model.config.vision.image_size
+    for key, value in [("input_resolution", size), ("context_length", 77), ("vocab_size", 49408)]:
+        model.register_buffer(key, torch.tensor(value))
+    images, text = torch.randn(2, 3, size, size), torch.randint(1, 1000, (2, 77))
+    text[:, 5] = model.eot_token_id
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit deprecation and tracer warnings
+        traced = torch.jit.trace(model, (images, text)).half()
+        traced.save(str(path))
+    return model
