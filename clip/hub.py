@@ -138,8 +138,9 @@ def resolve_hub_repo(name: str, cache_dir: Optional[PathLike] = None) -> Weights
             tuple(preprocess_cfg.get("std", OPENAI_STD)),
             preprocess_cfg.get("resize_mode", "shortest"),
         )
+        model_config = openclip_config_to_model_config(model_cfg, config_file)  # refused before a download
         weights = _download(repo_id, OPENCLIP_WEIGHTS, revision, cache_dir)
-        return Weights(weights, name, openclip_config_to_model_config(model_cfg, config_file), preprocess=preprocess)
+        return Weights(weights, name, model_config, preprocess=preprocess)
 
     weights = _download(repo_id, HF_WEIGHTS, revision, cache_dir)
     if weights.name == "model.safetensors.index.json":

@@ -12,10 +12,8 @@ import torch
 from clip.config import ModelConfig
 
 
-def build_openclip(cfg: ModelConfig):
-    """An OpenCLIP `CLIP` with the same architecture as `cfg` (random init)."""
-    import open_clip
-
+def openclip_model_cfg(cfg: ModelConfig) -> dict:
+    """OpenCLIP's `model_cfg` (as in its open_clip_config.json files) for the architecture of `cfg`."""
     v, t = cfg.vision, cfg.text
     if v.kind == "vit":
         vision = dict(image_size=v.image_size, patch_size=v.patch_size, width=v.width, layers=v.layers,
@@ -26,9 +24,37 @@ def build_openclip(cfg: ModelConfig):
         vision = dict(image_size=v.image_size, timm_model_name=v.timm_model, timm_pool="", timm_proj="linear")
     text = dict(context_length=t.context_length, vocab_size=t.vocab_size, width=t.width, heads=t.heads,
                 layers=t.layers, mlp_ratio=t.mlp_ratio)  # fmt: skip
-    return open_clip.model.CLIP(
-        embed_dim=cfg.embed_dim, vision_cfg=vision, text_cfg=text, quick_gelu=cfg.activation == "quick_gelu"
+    return {"embed_dim": cfg.embed_dim, "vision_cfg": vision, "text_cfg": text,
+            "quick_gelu": cfg.activation == "quick_gelu"}  # fmt: skip
+
+
+def build_openclip(cfg: ModelConfig):
+    """An OpenCLIP `CLIP` with the same architecture as `cfg` (random init)."""
+    import open_clip
+
+    return open_clip.model.CLIP(**openclip_model_cfg(cfg))
+
+
+def build_hf_clip(hidden_act="quick_gelu", eos_token_id=2, vocab_size=1000):
+    """A small random transformers `CLIPModel` (ViT 32px / 8px patches, 24-token text), norms randomised."""
+    from transformers import CLIPConfig, CLIPModel
+
+    text = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=24,
+        hidden_act=hidden_act,
+        eos_token_id=eos_token_id,
     )
+    vision = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=8, hidden_act=hidden_act)  # fmt: skip
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
+    randomize_norms(model)
+    return model
 
 
 def randomize_norms(model: torch.nn.Module) -> None:
