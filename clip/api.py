@@ -2,10 +2,14 @@
 
     model, preprocess = clip.load("ViT-B/32")                      # OpenAI's API and behaviour
     model, train_tf, eval_tf = clip.create_model_and_transforms("ViT-B-32", pretrained="model.safetensors")
+    model, train_tf, eval_tf = clip.create_model_and_transforms("ViT-B-32", pretrained="laion2b_s34b_b79k")
+    model, preprocess = clip.load("hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K")
     model = clip.create_model("ViT-B-16", image_size=384, patch_dropout=0.5)
 
 Which activation a loaded model uses (it cannot be read from weights):
-- a model name decides (`ViT-B-32` is GELU, `ViT-B-32-quickgelu` and OpenAI's `ViT-B/32` QuickGELU);
+- an OpenCLIP pretrained tag decides (its table says what its weights were trained with);
+- else a model name decides (`ViT-B-32` is GELU, `ViT-B-32-quickgelu` and OpenAI's `ViT-B/32` QuickGELU);
+- an OpenCLIP hub repository's `open_clip_config.json` says it (`quick_gelu`);
 - without a name, our exports and Hugging Face directories carry it in their config;
 - without a name or a stored config (OpenAI archives, raw state dicts), QuickGELU, as OpenAI's `load` does.
 """
@@ -25,7 +29,15 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import nn
 
-from clip.config import ModelConfig, TextConfig, VisionConfig, model_config_from_dict, validate_model_config
+from clip.config import (
+    ModelConfig,
+    TextConfig,
+    VisionConfig,
+    model_config_from_dict,
+    model_config_to_dict,
+    validate_model_config,
+)
+from clip.hub import Preprocess, is_hub_name, list_pretrained, resolve_hub_repo, resolve_pretrained
 from clip.models.clip import CLIP
 from clip.models.convert import (
     ARCHITECTURE_ONLY,
@@ -117,33 +129,57 @@ def create_model(
     *,
     device: Union[str, torch.device, None] = None,
     partial_init: bool = False,
+    cache_dir: Optional[PathLike] = None,
     **overrides: Any,
 ) -> CLIP:
     """Build a float32 CLIP by registered name, from a checkpoint, or both; in train mode like any new module.
 
-    `name`: a registered architecture (`clip.list_models()`; OpenAI's names are aliases). Without it the
-    architecture comes from the checkpoint: its stored config, else its tensor shapes.
-    `pretrained`: a checkpoint path of any supported format (docs/api.md). A stored config that differs
-    from the requested one raises `CheckpointMismatchError` before tensors are read; then loading is
-    strict. At another image size, positional embeddings are interpolated.
+    `name`: a registered architecture (`clip.list_models()`; OpenAI's names are aliases), or an
+    `hf-hub:ORG/NAME[@REVISION]` repository (OpenCLIP or transformers format) that holds both the
+    architecture and the weights. Without it the architecture comes from the checkpoint: its stored
+    config, else its tensor shapes.
+    `pretrained`: a checkpoint path of any supported format (docs/api.md), an OpenCLIP pretrained tag of
+    `name` (`clip.list_pretrained()`), or an `hf-hub:` name; tags and repositories come from
+    huggingface_hub's cache, offline first (`clip.hub`; `cache_dir` overrides the cache directory). A tag
+    sets the activation its weights were trained with. A stored config that differs from the requested one
+    raises `CheckpointMismatchError` before tensors are read; then loading is strict. At another image
+    size, positional embeddings are interpolated.
     `partial_init=True` loads only the tensors that fit and logs what was skipped.
     `overrides`: config changes, e.g. `image_size=336`, `patch_dropout=0.5`, `activation="gelu"`,
     `context_length=64` (see `apply_overrides`).
     """
+    return _create_model(name, pretrained, device, partial_init, cache_dir, overrides)[0]
+
+
+def _create_model(name, pretrained, device, partial_init, cache_dir, overrides) -> tuple[CLIP, Preprocess]:
     if name is None and pretrained is None:
         raise ValueError("create_model needs a model name, a pretrained checkpoint path, or both")
-    stored = read_checkpoint_config(pretrained) if pretrained is not None else None
+    weights = None
+    if is_hub_name(name):
+        if pretrained is not None:
+            raise ValueError(f"{name!r} names its weights already; pretrained={pretrained!r} cannot be added to it")
+        weights, name = resolve_hub_repo(name, cache_dir), None
+    elif pretrained is not None:
+        weights = resolve_pretrained(pretrained, name, cache_dir)
+    stored = None
+    if weights is not None:
+        stored = model_config_to_dict(weights.config) if weights.config else read_checkpoint_config(weights.path)
     cfg = get_model_config(name) if name is not None else model_config_from_dict(stored) if stored else None
     if cfg is not None:
+        if weights is not None and weights.activation not in (None, cfg.activation):
+            logger.warning("%s was trained with %s: using it instead of %s", weights.source, weights.activation,
+                           cfg.activation)  # fmt: skip
+            cfg.activation = weights.activation
         cfg = apply_overrides(cfg, overrides)
         if stored is not None and not partial_init:
-            check_model_config(stored, cfg, source=str(pretrained))
-    if pretrained is None:
-        return CLIP(cfg).to(device)
+            check_model_config(stored, cfg, source=weights.source)
+    if weights is None:
+        return CLIP(cfg).to(device), Preprocess()
 
-    checkpoint = read_checkpoint(pretrained)
+    checkpoint = read_checkpoint(weights.path)
     if cfg is None:
-        cfg = apply_overrides(infer_model_config(checkpoint.state_dict), overrides)
+        inferred = infer_model_config(checkpoint.state_dict, activation=weights.activation or "quick_gelu")
+        cfg = apply_overrides(inferred, overrides)
     cfg.vision.timm_pretrained = False  # the checkpoint's weights replace timm's; never download them
     model = CLIP(cfg)
     state_dict = resize_positional_embeddings(checkpoint.state_dict, cfg)
@@ -151,7 +187,7 @@ def create_model(
         load_weights(model, state_dict, partial=partial_init, source=checkpoint.source)
     except CheckpointMismatchError as exc:
         raise CheckpointMismatchError(f"{exc}{_architecture_hint(checkpoint.state_dict, name)}") from None
-    return model.to(device)
+    return model.to(device), weights.preprocess
 
 
 def _architecture_hint(state_dict: dict, requested: Optional[str]) -> str:
@@ -170,12 +206,24 @@ def create_model_and_transforms(
     *,
     device: Union[str, torch.device, None] = None,
     partial_init: bool = False,
+    cache_dir: Optional[PathLike] = None,
     **overrides: Any,
 ) -> tuple[CLIP, Callable, Callable]:
-    """`create_model(...)` plus (training transform, eval transform) for its image size, as in OpenCLIP."""
-    model = create_model(name, pretrained, device=device, partial_init=partial_init, **overrides)
+    """`create_model(...)` plus (training transform, eval transform) for its image size, as in OpenCLIP.
+
+    The transforms normalise with the mean and std the weights were trained with (a tag's or a hub
+    repository's, else OpenAI's)."""
+    model, preprocess = _create_model(name, pretrained, device, partial_init, cache_dir, overrides)
+    return model, *_transforms(model, preprocess)
+
+
+def _transforms(model: CLIP, preprocess: Preprocess) -> tuple[Callable, Callable]:
     size = model.config.vision.image_size
-    return model, image_transform_train(size), image_transform_eval(size)
+    stats = dict(mean=preprocess.mean, std=preprocess.std)
+    return (
+        image_transform_train(size, **stats),
+        image_transform_eval(size, resize_mode=preprocess.resize_mode, **stats),
+    )
 
 
 # ------------------------------------------------------------------------------------ OpenAI's load
@@ -199,18 +247,22 @@ def apply_openai_fp16(model: nn.Module) -> nn.Module:
 
 
 def load(
-    name_or_path: PathLike,
+    name: PathLike,
     device: Union[str, torch.device, None] = None,
     jit: bool = False,
     download_root: Optional[PathLike] = None,
+    *,
+    pretrained: Optional[str] = None,
 ) -> tuple[CLIP, Callable]:
     """OpenAI's `clip.load`: (model in eval mode, its eval preprocessing).
 
-    `name_or_path`: a name from `available_models()` (OpenAI's weights, looked up in `download_root`,
-    default ~/.cache/clip, and downloaded there with sha256 verification when absent), or a checkpoint
-    path of any supported format, architecture read from the file. Off the CPU the weights are cast
-    to fp16 as OpenAI does (`apply_openai_fp16`); on the CPU they are fp32. `jit=True` is refused: this
-    library never executes TorchScript.
+    `name`: a name from `available_models()` (OpenAI's weights, looked up in `download_root`, default
+    ~/.cache/clip, and downloaded there with sha256 verification when absent), a checkpoint path of any
+    supported format (architecture read from the file), an `hf-hub:ORG/NAME[@REVISION]` repository, or
+    a registered model name with `pretrained=` one of its OpenCLIP tags (`clip.list_pretrained()`).
+    Hub files come from huggingface_hub's cache, offline first (`download_root`, when given, replaces
+    its directory). Off the CPU the weights are cast to fp16 as OpenAI does (`apply_openai_fp16`); on the
+    CPU they are fp32. `jit=True` is refused: this library never executes TorchScript.
     """
     if jit:
         raise NotImplementedError(
@@ -218,25 +270,31 @@ def load(
             "the weights of OpenAI's archives are read without executing them."
         )
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = create_model(pretrained=_resolve_weights(name_or_path, download_root)).to(device).eval()
+    if pretrained is not None or is_hub_name(name):
+        model, preprocess = _create_model(name, pretrained, None, False, download_root, {})
+    else:
+        model, preprocess = _create_model(None, _resolve_weights(name, download_root), None, False, None, {})
+    model = model.to(device).eval()
     if device.type != "cpu":
         apply_openai_fp16(model)
-    return model, image_transform_eval(model.config.vision.image_size)
+    return model, _transforms(model, preprocess)[1]
 
 
-def _resolve_weights(name_or_path: PathLike, download_root: Optional[PathLike]) -> Path:
-    path = Path(name_or_path).expanduser()
+def _resolve_weights(name: PathLike, download_root: Optional[PathLike]) -> Path:
+    path = Path(name).expanduser()
     if path.exists():
         return path
-    name = str(name_or_path)
+    name = str(name)
     if name in _OPENAI_URLS:
         return _fetch_openai_weights(name, Path(download_root or DEFAULT_DOWNLOAD_ROOT).expanduser())
     if name in list_models():
+        tags = [tag for _, tag in list_pretrained(name)]
+        with_tags = f", or clip.load({name!r}, pretrained=TAG) with one of its tags: {', '.join(tags)}" if tags else ""
         raise FileNotFoundError(
-            f"no released weights are known for {name!r}: use clip.create_model({name!r}) for a randomly "
-            "initialised model, or pass a checkpoint path"
+            f"no OpenAI weights are known for {name!r}: use clip.create_model({name!r}) for a randomly "
+            f"initialised model, pass a checkpoint path{with_tags}"
         )
-    raise FileNotFoundError(f"{name!r} is neither a file nor one of {available_models()}")
+    raise FileNotFoundError(f"{name!r} is neither a file, an hf-hub: name, nor one of {available_models()}")
 
 
 def _sha256(path: Path) -> str:

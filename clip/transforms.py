@@ -16,20 +16,26 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def image_transform_eval(image_size: int) -> T.Compose:
-    """OpenAI's preprocessing: bicubic resize of the short side, center crop, RGB, normalise."""
-    return T.Compose(
-        [
-            T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC),
-            T.CenterCrop(image_size),
-            _to_rgb,
-            T.ToTensor(),
-            T.Normalize(OPENAI_MEAN, OPENAI_STD),
-        ]
-    )
+def image_transform_eval(
+    image_size: int, mean=OPENAI_MEAN, std=OPENAI_STD, resize_mode: str = "shortest"
+) -> T.Compose:
+    """OpenAI's preprocessing: bicubic resize of the short side, center crop, RGB, normalise.
+
+    `resize_mode="squash"` resizes the whole image to a square instead (OpenCLIP's option, which some
+    released weights were evaluated with); `mean`/`std` are those the weights were trained with.
+    """
+    if resize_mode == "shortest":
+        resize = [T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(image_size)]
+    elif resize_mode == "squash":
+        resize = [T.Resize((image_size, image_size), interpolation=T.InterpolationMode.BICUBIC)]
+    else:
+        raise ValueError(f"resize_mode={resize_mode!r}; expected 'shortest' or 'squash'")
+    return T.Compose([*resize, _to_rgb, T.ToTensor(), T.Normalize(mean, std)])
 
 
-def image_transform_train(image_size: int, scale: tuple[float, float] = (0.9, 1.0)) -> v2.Compose:
+def image_transform_train(
+    image_size: int, scale: tuple[float, float] = (0.9, 1.0), mean=OPENAI_MEAN, std=OPENAI_STD
+) -> v2.Compose:
     """RGB, RandomResizedCrop (OpenCLIP's default scale range (0.9, 1.0)), normalise.
 
     The crop is resized on the uint8 pixels by torchvision's antialiased bicubic kernel, about 4x
@@ -43,6 +49,6 @@ def image_transform_train(image_size: int, scale: tuple[float, float] = (0.9, 1.
             v2.PILToTensor(),  # [3, H, W] uint8, channels-last in memory: the layout the fast kernel takes
             v2.RandomResizedCrop(image_size, scale=tuple(scale), interpolation=T.InterpolationMode.BICUBIC),
             v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(OPENAI_MEAN, OPENAI_STD, inplace=True),  # on ToDtype's fresh tensor: no second copy
+            v2.Normalize(mean, std, inplace=True),  # on ToDtype's fresh tensor: no second copy
         ]
     )

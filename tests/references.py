@@ -5,15 +5,15 @@ Test-only: the library never imports open_clip or transformers.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from clip.config import ModelConfig
 
 
-def build_openclip(cfg: ModelConfig):
-    """An OpenCLIP `CLIP` with the same architecture as `cfg` (random init)."""
-    import open_clip
-
+def openclip_model_cfg(cfg: ModelConfig) -> dict:
+    """OpenCLIP's `model_cfg` (as in its open_clip_config.json files) for the architecture of `cfg`."""
     v, t = cfg.vision, cfg.text
     if v.kind == "vit":
         vision = dict(image_size=v.image_size, patch_size=v.patch_size, width=v.width, layers=v.layers,
@@ -24,9 +24,37 @@ def build_openclip(cfg: ModelConfig):
         vision = dict(image_size=v.image_size, timm_model_name=v.timm_model, timm_pool="", timm_proj="linear")
     text = dict(context_length=t.context_length, vocab_size=t.vocab_size, width=t.width, heads=t.heads,
                 layers=t.layers, mlp_ratio=t.mlp_ratio)  # fmt: skip
-    return open_clip.model.CLIP(
-        embed_dim=cfg.embed_dim, vision_cfg=vision, text_cfg=text, quick_gelu=cfg.activation == "quick_gelu"
+    return {"embed_dim": cfg.embed_dim, "vision_cfg": vision, "text_cfg": text,
+            "quick_gelu": cfg.activation == "quick_gelu"}  # fmt: skip
+
+
+def build_openclip(cfg: ModelConfig):
+    """An OpenCLIP `CLIP` with the same architecture as `cfg` (random init)."""
+    import open_clip
+
+    return open_clip.model.CLIP(**openclip_model_cfg(cfg))
+
+
+def build_hf_clip(hidden_act="quick_gelu", eos_token_id=2, vocab_size=1000):
+    """A small random transformers `CLIPModel` (ViT 32px / 8px patches, 24-token text), norms randomised."""
+    from transformers import CLIPConfig, CLIPModel
+
+    text = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=24,
+        hidden_act=hidden_act,
+        eos_token_id=eos_token_id,
     )
+    vision = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=8, hidden_act=hidden_act)  # fmt: skip
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
+    randomize_norms(model)
+    return model
 
 
 def randomize_norms(model: torch.nn.Module) -> None:
@@ -73,3 +101,22 @@ def _reference_logits(reference, images, text):
         return out["logit_scale"] * out["image_features"] @ out["text_features"].t()
     image_features, text_features, logit_scale = out[:3]
     return logit_scale * image_features @ text_features.t()
+
+
+def write_openai_archive(path, name: str = "tiny-vit", **overrides):
+    """Like OpenAI's releases: a traced CLIP in fp16 with their scalar `input_resolution`... buffers.
+    Returns the fp32 model it was traced from."""
+    import clip
+
+    model = clip.create_model(name, **overrides).eval()
+    del model.context_length, model.vocab_size  # they become buffers, as in OpenAI's archives
+    size = model.config.vision.image_size
+    for key, value in [("input_resolution", size), ("context_length", 77), ("vocab_size", 49408)]:
+        model.register_buffer(key, torch.tensor(value))
+    images, text = torch.randn(2, 3, size, size), torch.randint(1, 1000, (2, 77))
+    text[:, 5] = model.eot_token_id
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit deprecation and tracer warnings
+        traced = torch.jit.trace(model, (images, text)).half()
+        traced.save(str(path))
+    return model

@@ -51,7 +51,7 @@ def test_a_download_with_the_wrong_hash_never_takes_the_final_name(tmp_path, mon
 def test_names_without_weights_are_explained(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"clip.create_model\('ViT-H-14'\)"):
         clip.load("ViT-H-14", download_root=tmp_path)
-    with pytest.raises(FileNotFoundError, match="neither a file nor one of"):
+    with pytest.raises(FileNotFoundError, match="neither a file, an hf-hub: name, nor one of"):
         clip.load("ViT-B/99", download_root=tmp_path)
 
 

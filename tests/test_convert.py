@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from references import assert_same_outputs, build_openclip, randomize_norms, sample_inputs
+from references import assert_same_outputs, build_hf_clip, build_openclip, randomize_norms, sample_inputs
 
 import clip
 from clip.config import model_config_to_dict
@@ -85,25 +85,12 @@ def test_full_size_openclip_parity(tmp_path, name):
 # ------------------------------------------------------------------------------------- Hugging Face
 
 
-def _hf_clip(hidden_act, eos_token_id, vocab_size=1000):
-    from transformers import CLIPConfig, CLIPModel
-
-    text = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=2, max_position_embeddings=24, hidden_act=hidden_act, eos_token_id=eos_token_id)
-    vision = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-                  patch_size=8, hidden_act=hidden_act)  # fmt: skip
-    torch.manual_seed(0)
-    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
-    randomize_norms(model)
-    return model
-
-
 @pytest.mark.parametrize(
     ("hidden_act", "eos_token_id"),
     [("quick_gelu", 2), ("gelu", 500)],  # legacy configs pool at argmax(ids); newer ones at the first eos id
 )
 def test_hugging_face_directory_gives_hf_embeddings(tmp_path, hidden_act, eos_token_id):
-    hf = _hf_clip(hidden_act, eos_token_id)
+    hf = build_hf_clip(hidden_act, eos_token_id)
     hf.save_pretrained(tmp_path / "hf")
     if hidden_act == "quick_gelu":  # Hugging Face's default: a config may leave it out
         config_path = tmp_path / "hf" / "config.json"
@@ -132,7 +119,7 @@ def test_hugging_face_directory_gives_hf_embeddings(tmp_path, hidden_act, eos_to
 
 
 def test_hugging_face_unsupported_option_is_named(tmp_path):
-    hf = _hf_clip("gelu_new", 2)
+    hf = build_hf_clip("gelu_new", 2)
     hf.save_pretrained(tmp_path / "hf")
     with pytest.raises(CheckpointFormatError, match="hidden_act.*gelu_new"):
         clip.load(tmp_path / "hf", device="cpu")
@@ -225,8 +212,6 @@ def test_checkpoint_loads_at_another_image_size(tmp_path, name, new_size):
     key = "visual.positional_embedding" if name == "tiny-vit" else "visual.attnpool.positional_embedding"
     grid = model.config.vision.grid_size
     assert model.state_dict()[key].shape[0] == 1 + grid * grid
-    torch.testing.assert_close(
-        model.state_dict()[key], resize_positional_embedding(source.state_dict()[key], grid)
-    )
+    torch.testing.assert_close(model.state_dict()[key], resize_positional_embedding(source.state_dict()[key], grid))
     assert model.eval().encode_image(torch.randn(2, 3, new_size, new_size)).shape == (2, model.config.embed_dim)
     assert preprocess.transforms[0].size == new_size

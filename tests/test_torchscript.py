@@ -9,6 +9,7 @@ import zipfile
 import pytest
 import torch
 from payloads import SystemCallPayload
+from references import write_openai_archive
 from torch import nn
 
 import clip
@@ -21,21 +22,6 @@ def _jit_state_dict(path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         return torch.jit.load(str(path)).state_dict()
-
-
-def _openai_style_archive(path):
-    """Like OpenAI's releases: a traced CLIP in fp16 with their scalar `input_resolution`... buffers."""
-    model = clip.create_model("tiny-vit").eval()
-    del model.context_length  # becomes a buffer, as in OpenAI's archives
-    for name, value in [("input_resolution", 32), ("context_length", 77), ("vocab_size", 49408)]:
-        model.register_buffer(name, torch.tensor(value))
-    images, text = torch.randn(2, 3, 32, 32), torch.randint(1, 1000, (2, 77))
-    text[:, 5] = model.eot_token_id
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.jit deprecation and tracer warnings
-        traced = torch.jit.trace(model, (images, text)).half()
-        traced.save(str(path))
-    return model
 
 
 class _Scripted(nn.Module):
@@ -58,7 +44,7 @@ class _Scripted(nn.Module):
 def test_reader_matches_torch_jit_state_dict(tmp_path, kind):
     path = tmp_path / "archive.pt"
     if kind == "traced-clip":
-        _openai_style_archive(path)
+        write_openai_archive(path)
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -70,8 +56,8 @@ def test_reader_matches_torch_jit_state_dict(tmp_path, kind):
         assert state_dict[key].dtype == value.dtype and torch.equal(state_dict[key], value), key
 
 
-def test_clip_load_reads_an_openai_style_archive(tmp_path):
-    original = _openai_style_archive(tmp_path / "ViT-tiny.pt")
+def test_clip_load_reads_anwrite_openai_archive(tmp_path):
+    original = write_openai_archive(tmp_path / "ViT-tiny.pt")
     model, _ = clip.load(tmp_path / "ViT-tiny.pt", device="cpu")
     assert model.config.activation == "quick_gelu"  # what OpenAI's weights need
     loaded = model.state_dict()

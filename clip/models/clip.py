@@ -29,7 +29,7 @@ class CLIP(nn.Module):
         self.visual = build_vision_tower(cfg.vision, cfg.embed_dim, activation)
 
         text = cfg.text
-        self.context_length = text.context_length
+        self.context_length, self.vocab_size = text.context_length, text.vocab_size  # OpenAI's attributes
         self.eot_token_id = text.eot_token_id
         self.token_embedding = nn.Embedding(text.vocab_size, text.width)
         self.positional_embedding = nn.Parameter(torch.empty(text.context_length, text.width))

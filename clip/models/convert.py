@@ -6,7 +6,8 @@ Formats, detected from the file's bytes (never from its name):
 - state dicts in OpenAI's key layout (OpenAI, OpenCLIP) as `.pt`/`.bin` (torch zip or legacy pickle,
   read with `weights_only=True`) or `.safetensors`, bare or wrapped in {"state_dict": ...}, with or
   without DDP's `module.` / torch.compile's `_orig_mod.` prefixes;
-- a Hugging Face `CLIPModel` directory (config.json + weights), mapped to OpenAI's layout.
+- a Hugging Face `CLIPModel` directory (config.json + weights), mapped to OpenAI's layout;
+- OpenCLIP's hub configs (`open_clip_config.json`), whose weights are state dicts in OpenAI's layout.
 
 When a checkpoint stores no config, `infer_model_config` reads the architecture from tensor shapes.
 """
@@ -98,16 +99,18 @@ def read_checkpoint(path: PathLike) -> Checkpoint:
         tensors, metadata = load_safetensors_file(path)
         config = read_export_config(metadata, path)
         kind = "export" if config else "safetensors"
-        return Checkpoint(_as_openai_state_dict(tensors, path), config, f"{kind} {path}")
+        return Checkpoint(as_openai_state_dict(tensors, path), config, f"{kind} {path}")
     if kind == "torchscript":
         return Checkpoint(
-            _as_openai_state_dict(read_torchscript_state_dict(path), path), None, f"OpenAI TorchScript archive {path}"
+            as_openai_state_dict(read_torchscript_state_dict(path), path), None, f"OpenAI TorchScript archive {path}"
         )
-    return Checkpoint(_as_openai_state_dict(load_torch_file(path), path), None, f"state dict {path}")
+    return Checkpoint(as_openai_state_dict(load_torch_file(path), path), None, f"state dict {path}")
 
 
-def _as_openai_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:
-    """Unwrap {"state_dict": ...}, strip wrapper prefixes, drop OpenAI's scalar metadata, check it is all tensors."""
+def as_openai_state_dict(obj, path: PathLike) -> dict[str, torch.Tensor]:
+    """Unwrap {"state_dict": ...}, strip wrapper prefixes, drop OpenAI's scalar metadata, check it is all tensors.
+
+    Returns a new dict (`obj` is not modified); `path` names the source in error messages."""
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]  # OpenCLIP training checkpoints
     if not isinstance(obj, Mapping) or not obj:
@@ -363,6 +366,95 @@ def openai_state_dict_to_hf(state_dict: Mapping[str, torch.Tensor]) -> dict[str,
     if unknown:
         raise ValueError(f"weights with no Hugging Face CLIPModel counterpart: {', '.join(unknown[:10])}")
     return out
+
+
+# ------------------------------------------------------------------------------------- OpenCLIP
+
+# OpenCLIP's defaults (CLIPVisionCfg, CLIPTextCfg) for the options our towers do not implement: a config
+# may spell them out only with these values.
+_OPENCLIP_VISION_DEFAULTS = {
+    "ls_init_value": None, "attentional_pool": False, "no_ln_pre": False, "pos_embed_type": "learnable",
+    "final_ln_after_pool": False, "pool_type": "tok", "output_tokens": False, "act_kwargs": None,
+    "norm_kwargs": None, "block_type": None, "qk_norm": False, "scaled_cosine_attn": False, "scale_heads": False,
+    "scale_attn_inner": False, "scale_attn": False, "scale_fc": False, "timm_model_name": None,
+    "attn_pooler_queries": 256, "attn_pooler_heads": 8,
+}  # fmt: skip
+_OPENCLIP_TEXT_DEFAULTS = {
+    "hf_tokenizer_name": None, "tokenizer_mode": None, "tokenizer_kwargs": None, "ls_init_value": None,
+    "embed_cls": False, "pad_id": 0, "no_causal_mask": False, "final_ln_after_pool": False, "pool_type": "argmax",
+    "proj_bias": False, "proj_type": "linear", "output_tokens": False, "act_kwargs": None, "norm_kwargs": None,
+    "block_type": None, "qk_norm": False, "scaled_cosine_attn": False, "scale_heads": False,
+    "scale_attn_inner": False, "scale_attn": False, "scale_fc": False, "hf_model_name": None,
+}  # fmt: skip
+_OPENCLIP_TOP_DEFAULTS = {"custom_text": False, "init_logit_bias": None}
+_OPENCLIP_IGNORED = {
+    "cast_dtype", "eos_id", "timm_model_pretrained", "hf_model_pretrained", "timm_pool", "timm_proj",
+    "timm_proj_bias", "timm_drop", "timm_drop_path", "hf_proj_type", "hf_pooler_type",
+}  # fmt: skip
+
+
+def openclip_config_to_model_config(model_cfg: Mapping, path: PathLike = "open_clip_config.json") -> ModelConfig:
+    """OpenCLIP's `model_cfg` (the dict in an `open_clip_config.json`) -> ModelConfig.
+
+    ViT and ModifiedResNet image towers with OpenAI-style text towers; any other option (timm or
+    Hugging Face towers, attentional pooling, custom text, ...) raises naming it. `cast_dtype` and the
+    options that only matter for towers we refuse are ignored.
+    """
+    vision, text = dict(model_cfg.get("vision_cfg", {})), dict(model_cfg.get("text_cfg", {}))
+    problems = [
+        f"{where}{key}={section[key]!r}"
+        for where, section, defaults in (
+            ("vision_cfg.", vision, _OPENCLIP_VISION_DEFAULTS),
+            ("text_cfg.", text, _OPENCLIP_TEXT_DEFAULTS),
+            ("", model_cfg, _OPENCLIP_TOP_DEFAULTS),
+        )
+        for key, default in defaults.items()
+        if section.get(key, default) != default
+    ]
+    known = {"vision_cfg", "text_cfg", "embed_dim", "quick_gelu", "init_logit_scale", *_OPENCLIP_TOP_DEFAULTS}
+    supported_vision = {"layers", "width", "head_width", "mlp_ratio", "patch_size", "image_size", "patch_dropout"}
+    supported_text = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio"}
+    problems += [f"{key} (unknown option)" for key in model_cfg if key not in known | _OPENCLIP_IGNORED]
+    problems += [f"vision_cfg.{key} (unknown option)" for key in vision
+                 if key not in supported_vision | set(_OPENCLIP_VISION_DEFAULTS) | _OPENCLIP_IGNORED]  # fmt: skip
+    problems += [f"text_cfg.{key} (unknown option)" for key in text
+                 if key not in supported_text | set(_OPENCLIP_TEXT_DEFAULTS) | _OPENCLIP_IGNORED]  # fmt: skip
+    if problems:
+        raise CheckpointFormatError(f"{path}: OpenCLIP options this library does not implement: {'; '.join(problems)}")
+    try:
+        layers = vision.get("layers", 12)
+        common = {
+            "image_size": vision.get("image_size", 224),
+            "width": vision.get("width", 768),
+            "head_width": vision.get("head_width", 64),
+            "patch_dropout": vision.get("patch_dropout", 0.0),
+        }
+        if isinstance(layers, (list, tuple)):  # OpenCLIP's ModifiedResNet: blocks per stage
+            vision_cfg = VisionConfig(kind="resnet", stage_blocks=list(layers), **common)
+        else:
+            vision_cfg = VisionConfig(kind="vit", layers=layers, patch_size=vision.get("patch_size", 16),
+                                      mlp_ratio=vision.get("mlp_ratio", 4.0), **common)  # fmt: skip
+        vocab_size = text.get("vocab_size", 49408)
+        text_cfg = TextConfig(
+            context_length=text.get("context_length", 77),
+            vocab_size=vocab_size,
+            width=text.get("width", 512),
+            heads=text.get("heads", 8),
+            layers=text.get("layers", 12),
+            mlp_ratio=text.get("mlp_ratio", 4.0),
+            eot_token_id=vocab_size - 1,  # OpenCLIP pools at argmax(ids): the end-of-text token is the largest id
+        )
+        cfg = ModelConfig(
+            embed_dim=model_cfg["embed_dim"],
+            vision=vision_cfg,
+            text=text_cfg,
+            activation="quick_gelu" if model_cfg.get("quick_gelu", False) else "gelu",
+        )
+    except KeyError as exc:
+        raise CheckpointFormatError(f"{path}: OpenCLIP model config lacks {exc}") from None
+    if "init_logit_scale" in model_cfg:
+        cfg.init_logit_scale = model_cfg["init_logit_scale"]
+    return cfg
 
 
 # -------------------------------------------------------------------------------- shape inference

@@ -54,6 +54,7 @@ class VisionTransformer(nn.Module):
         self.transformer = Transformer(width, cfg.layers, cfg.heads, cfg.mlp_width, activation)
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, embed_dim))
+        self.input_resolution, self.output_dim = cfg.image_size, embed_dim  # OpenAI's attribute names
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.transformer.grad_checkpointing = enable
@@ -167,6 +168,7 @@ class ModifiedResNet(nn.Module):
         self.layer3 = self._make_stage(width * 4, cfg.stage_blocks[2], stride=2)
         self.layer4 = self._make_stage(width * 8, cfg.stage_blocks[3], stride=2)
         self.attnpool = AttentionPool2d(cfg.grid_size, width * 32, cfg.heads, embed_dim)
+        self.input_resolution, self.output_dim = cfg.image_size, embed_dim  # OpenAI's attribute names
         self.grad_checkpointing = False
         self._init_parameters()
 
@@ -218,6 +220,7 @@ class TimmVisionTower(nn.Module):
         # num_classes=0 removes the classifier and keeps the network's own global pooling.
         self.trunk = timm.create_model(cfg.timm_model, pretrained=cfg.timm_pretrained, num_classes=0)
         self.head = nn.Sequential(OrderedDict([("proj", nn.Linear(self.trunk.num_features, embed_dim, bias=False))]))
+        self.input_resolution, self.output_dim = cfg.image_size, embed_dim  # OpenAI's attribute names
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.trunk.set_grad_checkpointing(enable)

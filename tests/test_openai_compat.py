@@ -1,0 +1,189 @@
+"""OpenAI's `clip` package, used as its README and notebooks use it, runs against ours unedited.
+
+Weights come from a tiny random model written as OpenAI's releases are (a traced fp16 archive) and
+found where `clip.load("ViT-B/32")` looks, with its sha256 in the URL table as for the real files.
+"""
+
+import hashlib
+import textwrap
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from references import write_openai_archive
+
+import clip
+import clip.api
+
+# OpenAI CLIP's README example (https://github.com/openai/CLIP, MIT License), verbatim.
+README_EXAMPLE = """
+import torch
+import clip
+from PIL import Image
+
+device = "cuda" if torch.cuda.is_available() else "cpu"
+model, preprocess = clip.load("ViT-B/32", device=device)
+
+image = preprocess(Image.open("CLIP.png")).unsqueeze(0).to(device)
+text = clip.tokenize(["a diagram", "a dog", "a cat"]).to(device)
+
+with torch.no_grad():
+    image_features = model.encode_image(image)
+    text_features = model.encode_text(text)
+
+    logits_per_image, logits_per_text = model(image, text)
+    probs = logits_per_image.softmax(dim=-1).cpu().numpy()
+
+print("Label probs:", probs)  # prints: [[0.9927937  0.00421068 0.00299572]]
+"""
+
+# Lines of OpenAI's notebooks (Interacting_with_CLIP, Prompt_Engineering_for_ImageNet) that run on a
+# CPU (their `.cuda()` calls aside), and the module-level names OpenAI's code imports.
+NOTEBOOK_IDIOMS = """
+import numpy as np
+import torch
+import clip
+from clip.clip import _transform
+from clip.model import build_model
+from clip.simple_tokenizer import SimpleTokenizer
+
+clip.available_models()
+model, preprocess = clip.load(name="ViT-B/32", device="cpu", jit=False)
+model.eval()
+input_resolution = model.visual.input_resolution
+context_length = model.context_length
+vocab_size = model.vocab_size
+print("Model parameters:", f"{np.sum([int(np.prod(p.shape)) for p in model.parameters()]):,}")
+print("Input resolution:", input_resolution)
+print("Context length:", context_length)
+print("Vocab size:", vocab_size)
+
+tokens = clip.tokenize("Hello World!")
+decoded = SimpleTokenizer().decode(tokens[0].tolist())
+preprocess = _transform(model.visual.input_resolution)
+images = [preprocess(Image.open("CLIP.png").convert("RGB"))]
+image_input = torch.tensor(np.stack(images))
+with torch.no_grad():
+    image_features = model.encode_image(image_input).float()
+    text_features = model.encode_text(tokens).float()
+image_features /= image_features.norm(dim=-1, keepdim=True)
+text_features /= text_features.norm(dim=-1, keepdim=True)
+similarity = text_features.cpu().numpy() @ image_features.cpu().numpy().T
+output_dim = model.visual.output_dim
+
+rebuilt = build_model(model.state_dict()).float()
+"""
+
+
+@pytest.fixture
+def openai_download_root(tmp_path, monkeypatch):
+    """`clip.load("ViT-B/32")` finds a tiny QuickGELU archive in the default download root; returns the
+    TorchScript reference that archive runs as (fp32)."""
+    root = tmp_path / "cache"
+    root.mkdir()
+    write_openai_archive(root / "ViT-B-32.pt", activation="quick_gelu")
+    sha256 = hashlib.sha256((root / "ViT-B-32.pt").read_bytes()).hexdigest()
+    monkeypatch.setitem(clip.api._OPENAI_URLS, "ViT-B/32",
+                        f"https://openaipublic.azureedge.net/clip/models/{sha256}/ViT-B-32.pt")  # fmt: skip
+    monkeypatch.setattr(clip.api, "DEFAULT_DOWNLOAD_ROOT", str(root))
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)).save(tmp_path / "CLIP.png")
+    monkeypatch.chdir(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.load(str(root / "ViT-B-32.pt")).float().eval()
+
+
+def test_openai_readme_example_runs_unedited(openai_download_root, capsys):
+    namespace = {}
+    exec(compile(README_EXAMPLE, "OpenAI README", "exec"), namespace)
+    reference = openai_download_root
+    assert namespace["probs"].shape == (1, 3) and np.isclose(namespace["probs"].sum(), 1)
+    with torch.no_grad():  # what OpenAI's load (jit=False, on the CPU) computes: the archive's function in fp32
+        expected = reference(namespace["image"], namespace["text"])[0]  # a traced archive has only forward
+    got = namespace["logits_per_image"]
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+    assert "Label probs:" in capsys.readouterr().out
+
+
+def test_openai_notebook_idioms_run_unedited(openai_download_root):
+    from open_clip.tokenizer import SimpleTokenizer as OpenCLIPSimpleTokenizer
+
+    namespace = {"Image": Image}
+    exec(compile(textwrap.dedent(NOTEBOOK_IDIOMS), "OpenAI notebooks", "exec"), namespace)
+    model = namespace["model"]
+    assert (namespace["input_resolution"], namespace["context_length"], namespace["vocab_size"]) == (32, 77, 49408)
+    assert namespace["output_dim"] == 32 and model.dtype == torch.float32
+    # OpenCLIP's SimpleTokenizer is OpenAI's with the two special tokens renamed.
+    expected = OpenCLIPSimpleTokenizer().decode(namespace["tokens"][0].tolist())
+    expected = expected.replace("<start_of_text>", "<|startoftext|>").replace("<end_of_text>", "<|endoftext|>")
+    assert namespace["decoded"] == expected and namespace["decoded"].startswith("<|startoftext|>hello world ! ")
+    assert namespace["similarity"].shape == (1, 1)
+    rebuilt = namespace["rebuilt"]
+    with torch.no_grad():
+        image = namespace["image_input"]
+        assert torch.allclose(rebuilt.encode_image(image), model.encode_image(image), rtol=1e-3, atol=1e-4)
+
+
+def test_openai_modules_are_aliases_of_the_library():
+    import clip.clip
+    import clip.model
+    import clip.simple_tokenizer
+    from clip.transforms import image_transform_eval
+
+    assert clip.clip.load is clip.load and clip.clip.tokenize is clip.tokenize
+    assert clip.clip.available_models is clip.available_models and clip.clip._transform is image_transform_eval
+    assert clip.clip._MODELS is clip.api._OPENAI_URLS and clip.model.CLIP is clip.CLIP
+    assert clip.clip.__all__ == ["available_models", "load", "tokenize"]
+
+
+@pytest.mark.parametrize("name, overrides", [("tiny-vit", {"vision_head_width": 64}), ("tiny-resnet", {})])
+def test_build_model_is_openais(name, overrides):
+    # OpenCLIP's build_model_from_openai_state_dict is a port of OpenAI's build_model (QuickGELU, fp16),
+    # which knows only 64-wide attention heads.
+    from open_clip.model import build_model_from_openai_state_dict
+
+    from clip.model import build_model
+
+    model = clip.create_model(name, activation="quick_gelu", text_width=64, text_heads=1, **overrides)
+    state_dict = model.state_dict()
+    ours = build_model(state_dict)
+    reference = build_model_from_openai_state_dict(dict(state_dict))
+    assert not ours.training and ours.dtype == torch.float16
+    assert {k: v.dtype for k, v in ours.state_dict().items()} == {k: v.dtype for k, v in reference.state_dict().items()}
+    images = torch.randn(2, 3, ours.visual.input_resolution, ours.visual.input_resolution)
+    text = clip.tokenize(["a dog", "a photo of a cat"])
+    with torch.no_grad():
+        ours, reference = ours.float(), reference.float()
+        for got, expected in ((ours.encode_image(images), reference.encode_image(images)),
+                              (ours.encode_text(text), reference.encode_text(text))):  # fmt: skip
+            assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def test_simple_tokenizer_encodes_and_decodes_as_openais():
+    from open_clip.tokenizer import SimpleTokenizer as OpenCLIPSimpleTokenizer
+
+    from clip.simple_tokenizer import SimpleTokenizer
+
+    ours, reference = SimpleTokenizer(), OpenCLIPSimpleTokenizer()
+    for text in ["Hello, World!  it's 2024", "日本語のテキスト &amp; emoji 🙂", "a photo of a cat."]:
+        assert ours.encode(text) == reference.encode(text)
+    generator = np.random.default_rng(0)
+    for _ in range(300):  # any ids: special tokens, padding zeros, byte tokens that split UTF-8 characters
+        ids = generator.integers(0, 49408, generator.integers(1, 12)).tolist()
+        ids = [49406, *ids, 49407, 0] if generator.random() < 0.3 else ids
+        ids = generator.integers(0, 256, 5).tolist() if generator.random() < 0.3 else ids
+        expected = reference.decode(ids).replace("<start_of_text>", "<|startoftext|>")
+        assert ours.decode(ids) == expected.replace("<end_of_text>", "<|endoftext|>"), ids
+    assert ours.encoder["<|endoftext|>"] == 49407 and ours.decoder[49406] == "<|startoftext|>"
+
+
+def test_tokenize_dtype_difference_changes_nothing():
+    # OpenAI's tokenize returns int32 (torch >= 1.8), ours torch.long (see docs/api.md): same values, same features.
+    tokens = clip.tokenize(["a diagram", "a dog"])
+    assert tokens.dtype == torch.long
+    model = clip.create_model("tiny-vit").eval()
+    with torch.no_grad():
+        assert torch.equal(model.encode_text(tokens.int()), model.encode_text(tokens))
