@@ -8,7 +8,7 @@ import tarfile
 import zlib
 from pathlib import Path
 
-from clip.models.weights import export_model
+from clip.models.hub_export import export_model
 from tests.data_shards import add_member, tiny_jpeg
 from tests.eval_fixtures import tiny_model
 
