@@ -405,8 +405,7 @@ class TrainConfig:
 class ConfigError(ValueError):
     """A config value is unknown, mistyped or contradicts another; the message names the key.
 
-    Raised before any side effect (no run directory, no process group); `scripts/train.py` exits 2.
-    """
+    Raised before any side effect (no run directory, no process group); `scripts/train.py` exits 2."""
 
 
 _RUN_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]*"

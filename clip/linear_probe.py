@@ -15,8 +15,8 @@ read as scikit-learn's 1 / C: the paper fits scikit-learn and names no other par
 which is scikit-learn's `LogisticRegression(C=1 / l2)` (lbfgs, multinomial: it minimises
 C * sum_i CE + ||W||^2 / 2 and leaves the intercept out of the penalty). With two classes
 scikit-learn fits one weight vector, not two; the same classifier is then `C = 2 / l2`
-(`sklearn_c`). It is minimised as its mean over the N samples (the same minimiser), in float64,
-over chunks of rows so that memory stays bounded for ImageNet-size feature sets.
+(`sklearn_c`). It is minimised as its mean over the N samples (the same minimiser), in float64, over
+chunks of rows so that memory stays bounded for ImageNet-size feature sets.
 """
 
 from __future__ import annotations
@@ -60,8 +60,7 @@ MAX_ITER = 1000  # the paper's L-BFGS iteration cap
 TOLERANCE = 1e-6
 
 
-# ---------------------------------------------------------------------------------------------
-# Features
+# ---- Features
 
 
 def _encode(model: nn.Module, images: torch.Tensor, features: str) -> torch.Tensor:
@@ -116,8 +115,7 @@ def extract_image_features(
     return gathered, labels_sorted
 
 
-# ---------------------------------------------------------------------------------------------
-# The training split must not hold the images that are scored
+# ---- The training split must not hold the images that are scored
 
 
 def _image_sources(dataset: Dataset) -> set[str] | None:
@@ -153,8 +151,7 @@ def check_disjoint(train_dataset: Dataset, test_dataset: Dataset) -> None:
         )
 
 
-# ---------------------------------------------------------------------------------------------
-# Logistic regression
+# ---- Logistic regression
 
 
 def sklearn_c(l2: float, num_classes: int) -> float:
@@ -259,8 +256,7 @@ def _accuracy(weight, bias, features, labels, chunk_rows: int) -> float:
     return (predictions == labels.to(predictions.device)).double().mean().item()
 
 
-# ---------------------------------------------------------------------------------------------
-# The search over the L2 strength
+# ---- The search over the L2 strength
 
 
 @dataclass
@@ -330,8 +326,7 @@ def search_l2(
     return L2Search(l2, tried[pick], {10.0 ** (low + i / STEPS_PER_DECADE): tried[i] for i in sorted(tried)}, at_edge)
 
 
-# ---------------------------------------------------------------------------------------------
-# Probes
+# ---- Probes
 
 
 def _num_classes(*labels: torch.Tensor) -> int:

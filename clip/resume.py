@@ -32,7 +32,6 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-import clip
 from clip.checkpoint import (
     FORMAT_VERSION,
     TRAIN_STATE,
@@ -53,6 +52,7 @@ from clip.models.convert import read_checkpoint, read_checkpoint_config
 from clip.models.export import check_model_config
 from clip.models.weights import load_weights
 from clip.step import MAX_LOGIT_SCALE, NonFiniteLossError, Progress, clamp_logit_scale, logit_scale_value
+from clip.version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -120,11 +120,11 @@ class Checkpointer:
                 "config": json.dumps(dataclasses.asdict(self.cfg)),
                 "model_config": self._model_config_json,
                 "model_config_hash": hashlib.sha256(self._model_config_json.encode()).hexdigest(),
-                "library_version": clip.__version__,
+                "library_version": __version__,
                 "format_version": FORMAT_VERSION,
             }
         meta = {"run_id": self.run_id, "world_size": self.world_size, "config_hash": config_hash(self.cfg),
-                "library_version": clip.__version__}  # fmt: skip
+                "library_version": __version__}  # fmt: skip
         path = save_checkpoint(
             self.checkpoint_dir, step, train_state, {"rng": get_rng_state(), "data": data_state}, rank=self.rank,
             keep_last=self.cfg.checkpoint.keep_last, manifest_extra=meta, fault_phase=self.faults.save_phase(step),

@@ -79,6 +79,7 @@ from clip.config import LossConfig, NanConfig, OptimConfig, TrainConfig, TrainMo
 from clip.flops import get_mfu, get_peak_flops, skipped_text_flops, training_flops_per_sample
 from clip.loss import build_loss
 from clip.models import CLIP, get_model_config
+from clip.models.hub_export import open_clip_model_config
 from clip.models.text_packing import pack_text
 from clip.optim import build_optimizer
 from clip.parallelize import build_train_module
@@ -177,11 +178,10 @@ class OpenClipStep:
 
     def __init__(self, cfg: TrainConfig, device: torch.device, initial_state: dict[str, torch.Tensor]):
         from open_clip.loss import ClipLoss
+        from open_clip.model import CLIP as OpenClipModel
         from open_clip_train.precision import get_autocast as openclip_autocast
 
-        from tests.references import build_openclip
-
-        self.model = build_openclip(to_model_config(cfg.model))
+        self.model = OpenClipModel(**open_clip_model_config(to_model_config(cfg.model)))
         self.model.load_state_dict(initial_state)  # our initial weights: the same network, value for value
         self.device = device
         self.model.to(device).train()

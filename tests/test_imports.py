@@ -19,7 +19,7 @@ def _module_name(path: Path) -> str:
 def _import_graph() -> dict[str, set[str]]:
     """{module: modules it names in any import statement, at module level or inside a function}.
 
-    `from clip.models import CLIP` names `clip.models` (or `clip.models.CLIP` where that is a module);
+    `from clip.models import CLIP` names `clip.models`; `from clip import clip` only the module `clip.clip`;
     imports under `if TYPE_CHECKING:` are skipped, since they never run.
     """
     modules = {_module_name(path): path for path in PACKAGE.rglob("*.py")}
@@ -43,8 +43,10 @@ def _import_graph() -> dict[str, set[str]]:
                 base = node.module or ""
                 if node.level:  # relative import
                     base = ".".join([*package.split(".")[: len(package.split(".")) - node.level + 1], base]).strip(".")
-                edges.add(base)
-                edges.update(f"{base}.{alias.name}" for alias in node.names if f"{base}.{alias.name}" in modules)
+                submodules = {f"{base}.{alias.name}" for alias in node.names} & modules.keys()
+                if len(submodules) < len(node.names):  # `from pkg import sub` imports sub, not a name of pkg
+                    edges.add(base)
+                edges.update(submodules)
         graph[name] = edges
     return graph
 

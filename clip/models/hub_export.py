@@ -26,8 +26,8 @@ from safetensors.torch import save_file
 
 from clip.config import ModelConfig
 from clip.models.clip import CLIP
-from clip.models.convert import model_config_to_hf_config, openai_state_dict_to_hf
 from clip.models.export import export_state_dict
+from clip.models.hf_format import model_config_to_hf_config, openai_state_dict_to_hf
 from clip.models.weights import PathLike
 from clip.tokenizer import EOT_TEXT, OPENAI, SOT_TEXT, get_tokenizer, openai_bpe
 from clip.transforms import OPENAI_MEAN, OPENAI_STD
