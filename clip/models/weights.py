@@ -31,7 +31,7 @@ class CheckpointError(Exception):
 
 
 class UnsafeCheckpointError(CheckpointError):
-    """The file's pickle wants to build objects other than tensors and plain containers (S1)."""
+    """The file's pickle wants to build objects other than tensors and plain containers: refused, never run."""
 
 
 class CheckpointFormatError(CheckpointError):
@@ -39,14 +39,14 @@ class CheckpointFormatError(CheckpointError):
 
 
 class CheckpointMismatchError(CheckpointError):
-    """The checkpoint was made for another architecture than the model it is loaded into (G16)."""
+    """The checkpoint was made for another architecture than the model it is loaded into: never loaded partially."""
 
 
 # --------------------------------------------------------------------------------------------- readers
 
 
 def load_torch_file(path: PathLike) -> Any:
-    """`torch.load` a file we did not write, with `weights_only=True` and no fallback (S1).
+    """`torch.load` a file we did not write, with `weights_only=True` and no fallback.
 
     Tensors, dicts, lists and primitives come back; anything that would build another object raises
     `UnsafeCheckpointError` naming the refused global, before that object is built.
@@ -71,7 +71,7 @@ _SAFETENSORS_DTYPE_BYTES = {
 
 
 def read_safetensors_header(path: PathLike) -> tuple[dict[str, dict], dict[str, str]]:
-    """Parse and validate a safetensors header without reading tensor data (S2).
+    """Parse and validate a safetensors header without reading tensor data.
 
     Returns (tensor entries {name: {dtype, shape, data_offsets}}, metadata). Checks that the header fits
     in the file, that every tensor's byte range matches its dtype and shape, and that the ranges cover the
