@@ -37,9 +37,14 @@ def test_openclip_step_trains_the_same_network_on_the_same_batch(bench, capsys, 
     # Ours packs the captions (the trainer's default), OpenCLIP pads them: the same arithmetic.
     ours, theirs = bench.main([*COMMON, "--precision", "fp32", "--open-clip", "--caption-lengths", captions])
     # Same weights, batch and loss: the first losses agree to float32 rounding, and so do the second
-    # ones, after one AdamW update with the same hyperparameters, clipping and decay groups.
-    assert ours.warmup_losses[0] == pytest.approx(theirs.warmup_losses[0], rel=1e-6)
-    assert ours.warmup_losses[1] == pytest.approx(theirs.warmup_losses[1], rel=1e-5)
+    # ones, after one AdamW update with the same hyperparameters, clipping and decay groups. Bound:
+    # each logit is scale (<= 100, here 14.3) x a cosine whose float32 error grows with the summation
+    # lengths of the towers (~ sqrt(width x layers) x eps = ~1e-6 for tiny-vit), so the loss (~log 8)
+    # moves by ~1e-5 relative at most; a real difference (a mask, a pooled position, a decay group)
+    # moves it by more than 1e-3. AdamW's first step is sign-like (lr x m / sqrt(v)), so a gradient
+    # entry near zero can flip its update: the second loss gets 10x more room.
+    assert ours.warmup_losses[0] == pytest.approx(theirs.warmup_losses[0], rel=2e-5)
+    assert ours.warmup_losses[1] == pytest.approx(theirs.warmup_losses[1], rel=2e-4)
     assert ours.warmup_losses[1] != pytest.approx(ours.warmup_losses[0], rel=1e-3)  # the update did change the model
     assert len(ours.seconds) == len(theirs.seconds) == 2 and all(t > 0 for t in ours.seconds + theirs.seconds)
     output = capsys.readouterr().out
