@@ -23,8 +23,8 @@ import numpy as np
 
 from clip.config import DataConfig
 from clip.data.records import SHARD_REASONS, Item, Record
-from clip.data.sources import DataConfigError, DataError, Shard
 from clip.data.shard_reader import read_shard
+from clip.data.sources import DataConfigError, DataError, Shard
 from clip.data.subset import contains, read_subset
 
 SIZES_SUFFIX = ".sizes.json"
@@ -50,6 +50,15 @@ def _lookup(table: dict[str, int], url: str) -> Optional[int]:
     """A shard's entry by full URL, then by file name (the rule of sizes.json)."""
     found = table.get(url)
     return found if found is not None else table.get(os.path.basename(url.rstrip("/")))
+
+
+def _shard_counts(table: dict[str, int], shards: list[Shard], resampled: bool, missing_message) -> dict:
+    """{url: kept count or None}; in epoch mode every shard needs its count (`missing_message(urls)` else)."""
+    counts = {shard.url: _lookup(table, shard.url) for shard in shards}
+    missing = [url for url, n in counts.items() if n is None]
+    if missing and not resampled:
+        raise DataConfigError(missing_message(missing))
+    return counts
 
 
 class SubsetSelector:
@@ -92,14 +101,11 @@ class SubsetSelector:
                 f"data.subset: {path} was written for a subset of {num_uids} uids, {self.path} has {self.num_uids}; "
                 f"rewrite it with: python scripts/curate.py sizes --subset {self.path} --shards '<data.train_shards>'"
             )
-        counts = {shard.url: _lookup(table, shard.url) for shard in shards}
-        missing = [url for url, n in counts.items() if n is None]
-        if missing and not resampled:
-            raise DataConfigError(
-                f"data.subset: {path} has no kept count for {len(missing)} shard(s) (first: {missing[0]}); rewrite it "
-                f"with: python scripts/curate.py sizes --subset {self.path} --shards '<data.train_shards>'"
-            )
-        return counts
+        return _shard_counts(
+            table, shards, resampled,
+            lambda missing: f"data.subset: {path} has no kept count for {len(missing)} shard(s) (first: {missing[0]}); "
+            f"rewrite it with: python scripts/curate.py sizes --subset {self.path} --shards '<data.train_shards>'",
+        )  # fmt: skip
 
 
 class BalanceSelector:
@@ -131,14 +137,11 @@ class BalanceSelector:
 
     def shard_counts(self, shards: list[Shard], resampled: bool) -> dict[str, Optional[int]]:
         _, table = self.balance.kept(self.seed)
-        counts = {shard.url: _lookup(table, shard.url) for shard in shards}
-        missing = [url for url, n in counts.items() if n is None]
-        if missing and not resampled:
-            raise DataConfigError(
-                f"data.balance: {self.path} counted other shards; {len(missing)} of data.train_shards are not in it "
-                f"(first: {missing[0]}); count them with scripts/curate.py metaclip --count"
-            )
-        return counts
+        return _shard_counts(
+            table, shards, resampled,
+            lambda missing: f"data.balance: {self.path} counted other shards; {len(missing)} of data.train_shards are "
+            f"not in it (first: {missing[0]}); count them with scripts/curate.py metaclip --count",
+        )  # fmt: skip
 
 
 Selector = SubsetSelector | BalanceSelector
