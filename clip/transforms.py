@@ -14,9 +14,9 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # Modes whose conversion to RGB commutes with resizing: RGB itself, and L, whose RGB is its one band
-# three times. Any other mode's conversion does not (alpha is premultiplied for the resize, palette
-# and 1-bit images resize nearest-neighbour, CMYK and 16-bit conversions are not linear), so those
-# are resized by Pillow in their own mode and converted afterwards, as OpenCLIP does.
+# three times. Any other mode's conversion does not (Pillow premultiplies alpha for the resize, resizes
+# palette and 1-bit images nearest-neighbour; CMYK's conversion multiplies channels, I;16's clips), so
+# those are resized by Pillow in their own mode and converted afterwards, as OpenCLIP does.
 _TENSOR_RESIZE_MODES = ("RGB", "L")
 
 # Pillow resizes in two passes, rounding to uint8 between them, so the pass order changes pixels (by up
