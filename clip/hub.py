@@ -176,12 +176,13 @@ def _download(
     repo = f"hf-hub:{repo_id}" + (f"@{revision}" if revision else "")
     cache = Path(cache_dir or constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
     wanted = " or ".join(filenames)
+    pin = f" --revision {revision}" if revision else ""
     if constants.HF_HUB_OFFLINE:
         if not required:
             return None
         raise FileNotFoundError(
             f"{repo}: {wanted} is not in the cache at {cache}, and HF_HUB_OFFLINE=1 forbids downloading it. Fetch "
-            f"it where there is network (`hf download {repo_id} {filenames[0]}` with the same HF_HUB_CACHE) or "
+            f"it where there is network (`hf download {repo_id} {filenames[0]}{pin}` with the same HF_HUB_CACHE) or "
             "unset HF_HUB_OFFLINE."
         )
     for filename in filenames:

@@ -108,7 +108,7 @@ def test_create_model_overrides():
 def test_create_model_and_transforms_returns_openclips_triple():
     model, train, val = clip.create_model_and_transforms("tiny-resnet")
     assert isinstance(model, clip.CLIP) and model.training
-    crop = train.transforms[2]  # after the RGB conversion and PILToTensor
+    crop = train.transforms[0]
     assert tuple(crop.size) == (64, 64) and crop.scale == (0.9, 1.0)
     assert val.transforms[0].size == 64
 

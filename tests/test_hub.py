@@ -142,8 +142,9 @@ def test_offline_miss_names_the_repository_the_file_and_the_cache(hub_cache):
     openclip_repo(hub_cache)
     with pytest.raises(
         FileNotFoundError, match=r"hf-hub:test-org/tiny-openclip@v2: open_clip_config.json or config.json"
-    ):
+    ) as pinned:
         clip.load("hf-hub:test-org/tiny-openclip@v2")
+    assert "`hf download test-org/tiny-openclip open_clip_config.json --revision v2`" in str(pinned.value)
     with pytest.raises(ValueError, match="hf-hub:ORG/NAME"):
         clip.load("hf-hub:no-slash")
 

@@ -39,8 +39,10 @@ with torch.no_grad():
 print("Label probs:", probs)  # prints: [[0.9927937  0.00421068 0.00299572]]
 """
 
-# Lines of OpenAI's notebooks (Interacting_with_CLIP, Prompt_Engineering_for_ImageNet) that run on a
-# CPU (their `.cuda()` calls aside), and the module-level names OpenAI's code imports.
+# Lines of OpenAI's notebooks (Interacting_with_CLIP, Prompt_Engineering_for_ImageNet; MIT License) that
+# run on a CPU (their `.cuda()` calls aside; skimage's images replaced by one generated image), and the
+# calls OpenAI's own code makes: `load(name=..., jit=False)` by its parameter names, clip.load's
+# `_transform(model.visual.input_resolution)` and `build_model(state_dict)`, `SimpleTokenizer().decode`.
 NOTEBOOK_IDIOMS = """
 import numpy as np
 import torch
@@ -73,8 +75,92 @@ text_features /= text_features.norm(dim=-1, keepdim=True)
 similarity = text_features.cpu().numpy() @ image_features.cpu().numpy().T
 output_dim = model.visual.output_dim
 
+texts = ["a page of text about segmentation", "a facial photo of a tabby cat", "a rocket standing on a launchpad",
+         "a portrait of an astronaut with the American flag", "a red motorcycle standing in a garage"]
+text_tokens = clip.tokenize(["This is " + desc for desc in texts])
+with torch.no_grad():
+    text_features = model.encode_text(text_tokens).float()
+    text_features /= text_features.norm(dim=-1, keepdim=True)
+
+text_probs = (100.0 * image_features @ text_features.T).softmax(dim=-1)
+top_probs, top_labels = text_probs.cpu().topk(5, dim=-1)
+
 rebuilt = build_model(model.state_dict()).float()
 """
+
+# OpenAI's Prompt_Engineering_for_ImageNet notebook from the model on, verbatim but for `.cuda()`, a
+# tqdm that shows nothing, five classes and two templates (of its 1000 and 80), ImageNetV2 replaced by
+# generated images with labels, and `accuracy`'s `float(array of shape [1])`, which NumPy 2.4 refuses
+# whatever the model (`.item()` instead).
+PROMPT_ENGINEERING = """
+model, preprocess = clip.load("ViT-B/32")
+
+imagenet_classes = ["tench", "goldfish", "great white shark", "tiger shark", "hammerhead shark"]
+imagenet_templates = ['a bad photo of a {}.', 'a photo of many {}.']
+
+images = GeneratedImages(transform=preprocess)
+loader = torch.utils.data.DataLoader(images, batch_size=32, num_workers=2)
+
+def zeroshot_classifier(classnames, templates):
+    with torch.no_grad():
+        zeroshot_weights = []
+        for classname in tqdm(classnames):
+            texts = [template.format(classname) for template in templates] #format with class
+            texts = clip.tokenize(texts) #tokenize
+            class_embeddings = model.encode_text(texts) #embed with text encoder
+            class_embeddings /= class_embeddings.norm(dim=-1, keepdim=True)
+            class_embedding = class_embeddings.mean(dim=0)
+            class_embedding /= class_embedding.norm()
+            zeroshot_weights.append(class_embedding)
+        zeroshot_weights = torch.stack(zeroshot_weights, dim=1)
+    return zeroshot_weights
+
+
+zeroshot_weights = zeroshot_classifier(imagenet_classes, imagenet_templates)
+
+def accuracy(output, target, topk=(1,)):
+    pred = output.topk(max(topk), 1, True, True)[1].t()
+    correct = pred.eq(target.view(1, -1).expand_as(pred))
+    return [correct[:k].reshape(-1).float().sum(0, keepdim=True).cpu().numpy().item() for k in topk]
+
+with torch.no_grad():
+    top1, top5, n = 0., 0., 0.
+    for i, (images, target) in enumerate(tqdm(loader)):
+        images = images
+        target = target
+
+        # predict
+        image_features = model.encode_image(images)
+        image_features /= image_features.norm(dim=-1, keepdim=True)
+        logits = 100. * image_features @ zeroshot_weights
+
+        # measure accuracy
+        acc1, acc5 = accuracy(logits, target, topk=(1, 5))
+        top1 += acc1
+        top5 += acc5
+        n += images.size(0)
+
+top1 = (top1 / n) * 100
+top5 = (top5 / n) * 100
+
+print(f"Top-1 accuracy: {top1:.2f}")
+print(f"Top-5 accuracy: {top5:.2f}")
+"""
+
+
+class GeneratedImages(torch.utils.data.Dataset):
+    """ImageNetV2Dataset's interface: (image, label) pairs through `transform`."""
+
+    def __init__(self, transform):
+        rng = np.random.default_rng(1)
+        self.images = [Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)) for _ in range(40)]
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        return self.transform(self.images[index]), index % 5
 
 
 @pytest.fixture
@@ -98,7 +184,7 @@ def openai_download_root(tmp_path, monkeypatch):
 
 def test_openai_readme_example_runs_unedited(openai_download_root, capsys):
     namespace = {}
-    exec(compile(README_EXAMPLE, "OpenAI README", "exec"), namespace)
+    exec(compile(README_EXAMPLE, "OpenAI README", "exec"), namespace)  # noqa: S102 (running the examples is the test)
     reference = openai_download_root
     assert namespace["probs"].shape == (1, 3) and np.isclose(namespace["probs"].sum(), 1)
     with torch.no_grad():  # what OpenAI's load (jit=False, on the CPU) computes: the archive's function in fp32
@@ -112,7 +198,7 @@ def test_openai_notebook_idioms_run_unedited(openai_download_root):
     from open_clip.tokenizer import SimpleTokenizer as OpenCLIPSimpleTokenizer
 
     namespace = {"Image": Image}
-    exec(compile(textwrap.dedent(NOTEBOOK_IDIOMS), "OpenAI notebooks", "exec"), namespace)
+    exec(compile(textwrap.dedent(NOTEBOOK_IDIOMS), "OpenAI notebooks", "exec"), namespace)  # noqa: S102 (running the examples is the test)
     model = namespace["model"]
     assert (namespace["input_resolution"], namespace["context_length"], namespace["vocab_size"]) == (32, 77, 49408)
     assert namespace["output_dim"] == 32 and model.dtype == torch.float32
@@ -121,10 +207,28 @@ def test_openai_notebook_idioms_run_unedited(openai_download_root):
     expected = expected.replace("<start_of_text>", "<|startoftext|>").replace("<end_of_text>", "<|endoftext|>")
     assert namespace["decoded"] == expected and namespace["decoded"].startswith("<|startoftext|>hello world ! ")
     assert namespace["similarity"].shape == (1, 1)
+    assert namespace["text_probs"].shape == (1, 5) and torch.allclose(namespace["text_probs"].sum(), torch.tensor(1.0))
+    assert sorted(namespace["top_labels"][0].tolist()) == [0, 1, 2, 3, 4]
     rebuilt = namespace["rebuilt"]
     with torch.no_grad():
         image = namespace["image_input"]
         assert torch.allclose(rebuilt.encode_image(image), model.encode_image(image), rtol=1e-3, atol=1e-4)
+
+
+def test_openai_prompt_engineering_notebook_runs(openai_download_root, capsys):
+    namespace = {"GeneratedImages": GeneratedImages, "tqdm": lambda iterable: iterable}
+    exec(compile("import numpy as np\nimport torch\nimport clip\n" + PROMPT_ENGINEERING, "notebook", "exec"), namespace)  # noqa: S102 (running the examples is the test)
+    weights = namespace["zeroshot_weights"]  # [embed_dim, classes], unit columns
+    assert weights.shape == (32, 5) and torch.allclose(weights.norm(dim=0), torch.ones(5), atol=1e-6)
+    # With five classes every label is in the top 5; top-1 is the share of images whose label wins.
+    model, preprocess = namespace["model"], namespace["preprocess"]
+    dataset = GeneratedImages(transform=preprocess)
+    with torch.no_grad():
+        images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+        predicted = (model.encode_image(images) @ weights).argmax(dim=1)
+    expected_top1 = (int((predicted == torch.arange(len(dataset)) % 5).sum()) / len(dataset)) * 100
+    assert namespace["top5"] == 100.0 and namespace["top1"] == expected_top1
+    assert "Top-1 accuracy:" in capsys.readouterr().out
 
 
 def test_openai_modules_are_aliases_of_the_library():
