@@ -89,10 +89,10 @@ def start_nodes(script_args: list[str], log_dir: Path) -> list[subprocess.Popen]
     log_dir.mkdir(parents=True, exist_ok=True)
     nodes = []
     for node in range(2):
-        log = (log_dir / f"node-{node}.log").open("a")
-        nodes.append(
-            subprocess.Popen([*launcher, *script_args], env=_environment(), stdout=log, stderr=subprocess.STDOUT)
-        )
+        with (log_dir / f"node-{node}.log").open("a") as log:  # the agent writes to its own copy
+            nodes.append(
+                subprocess.Popen([*launcher, *script_args], env=_environment(), stdout=log, stderr=subprocess.STDOUT)
+            )
     return nodes
 
 
@@ -185,9 +185,10 @@ def test_two_nodes_learn_see_each_sample_once_per_epoch_and_equal_one_node(shard
 
 def test_a_node_lost_mid_run_then_both_relaunched_is_bitwise_equal(shards, two_nodes, tmp_path):
     """SIGKILL to one node's agent and worker during step 6; the other node must fail by itself, fast;
-    the same command on both nodes resumes from step 4's checkpoint and ends as if nothing happened."""
+    the command again on both nodes (without the fault hook) resumes from step 4's checkpoint and ends
+    as if nothing had happened."""
     run_dir = tmp_path / "run"
-    nodes = start_nodes([SCRIPT, *smoke_args(shards, run_dir, "fault.sleep_at_step=6", "fault.sleep_s=2")], tmp_path)
+    nodes = start_nodes([SCRIPT, *smoke_args(shards, run_dir, "fault.sleep_at_step=6", "fault.sleep_s=1")], tmp_path)
     deadline = time.monotonic() + TIMEOUT_S
     while 5 not in (losses_by_step(run_dir) if (run_dir / "metrics.jsonl").exists() else {}):
         assert time.monotonic() < deadline and all(node.poll() is None for node in nodes), logs(tmp_path)

@@ -124,7 +124,9 @@ class ResumingStream(io.RawIOBase):
         return file
 
     def _attempt(self, action: Callable[[object], T]) -> T:
-        for attempt in range(1, self.attempts + 1):
+        """`action(file)` on the open file, reopening it at `self.offset` after each failure."""
+        failures = 0
+        while True:
             try:
                 if self.file is None:
                     self.file = self._open()
@@ -133,16 +135,16 @@ class ResumingStream(io.RawIOBase):
                 raise  # retrying cannot help
             except Exception as error:  # SDKs raise their own types for dropped connections and timeouts
                 self._close_file()
+                failures += 1
                 message = f"{type(error).__name__}: {redact(str(error))}"
-                if attempt == self.attempts:
+                if failures == self.attempts:
                     raise RemoteReadError(
                         f"{redact(self.url)} failed at byte {self.offset} in {self.attempts} attempt(s): {message}"
                     ) from None
-                delay = RETRY_BACKOFF_S * 2 ** (attempt - 1)
-                logger.warning("%s: read error at byte %d (%s); retrying in %.0f s", redact(self.url), self.offset,
+                delay = RETRY_BACKOFF_S * 2 ** (failures - 1)
+                logger.warning("%s: read error at byte %d (%s); retrying in %.3g s", redact(self.url), self.offset,
                                message, delay)  # fmt: skip
                 time.sleep(delay)
-        raise AssertionError("unreachable")
 
     def _close_file(self) -> None:
         file, self.file = self.file, None
