@@ -199,7 +199,7 @@ class DataConfig:
     max_member_bytes: int = 64 * 1024 * 1024
     # `pipe:` shard URLs run shell commands: allowed only when set here, never from a shard list file.
     allow_pipe_urls: bool = False
-    # Attempts for a `pipe:` command that fails before producing any data (backoff 1 s, 2 s, 4 s, ...).
+    # Attempts for a `pipe:` command without output, and for each read of a remote shard (backoff 1 s, 2 s, ...).
     open_retries: int = 3
     # Train on these samples only: a DataComp subset file (.npy of uids, docs/curation.md). Epoch mode
     # also reads the kept count of each shard from `<subset stem>.sizes.json` beside it.

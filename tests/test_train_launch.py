@@ -9,7 +9,6 @@ checkpoint phase.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import random
 import signal
@@ -24,6 +23,7 @@ import torch
 
 from clip.checkpoint import find_latest
 from clip.data.synthetic import write_train_shards
+from tests.train_fixtures import assert_bitwise_equal_checkpoints, losses_by_step
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = str(ROOT / "scripts" / "train.py")
@@ -60,32 +60,6 @@ def run(overrides: list[str], *, nproc: int = 0, timeout: float = 120, cwd: Path
 
 def train_args(shards: str, run_dir: Path, *extra: str) -> list[str]:
     return [*BASE, f"data.train_shards='{shards}'", f"output_dir={run_dir}", *extra]
-
-
-def losses_by_step(run_dir: Path) -> dict[int, float]:
-    """The last logged loss of every step (a resumed run re-logs the steps after its checkpoint)."""
-    losses = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        event = json.loads(line)
-        if "train/loss" in event:
-            losses[event["step"]] = event["train/loss"]
-    return losses
-
-
-def assert_bitwise_equal_checkpoints(a: Path, b: Path) -> None:
-    state_a, state_b = (torch.load(p / "train_state.pt", weights_only=True) for p in (a, b))
-    assert state_a["counters"] == state_b["counters"]
-    for key, value in state_a["model"].items():
-        assert torch.equal(value, state_b["model"][key]), key
-    optim_a, optim_b = state_a["optimizer"]["state"], state_b["optimizer"]["state"]
-    assert optim_a.keys() == optim_b.keys()
-    for name in optim_a:
-        for key, value in optim_a[name].items():
-            assert torch.equal(value, optim_b[name][key]), (name, key)
-    for rank_file in sorted(p.name for p in a.glob("rank-*.pt")):
-        rank_a, rank_b = (torch.load(p / rank_file, weights_only=True) for p in (a, b))
-        assert rank_a["data"] == rank_b["data"], rank_file
-        assert torch.equal(rank_a["rng"]["torch"], rank_b["rng"]["torch"]), rank_file
 
 
 # The run that interrupted runs are compared with: 30 steps, checkpoints every 7.

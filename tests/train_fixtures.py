@@ -1,4 +1,4 @@
-"""Trainer test fixtures: a tiny run config, and an in-memory data source.
+"""Trainer test fixtures: a tiny run config, an in-memory data source, and comparisons of two runs.
 
 MemoryLoader is tiny, deterministic and world-size invariant: global batch t of an epoch holds a
 fixed slice of a seeded permutation of the samples; rank r takes the r-th equal part of it. So the global batch at every step is the same whatever the world size,
@@ -44,6 +44,32 @@ def tiny_train_config(output_dir, *overrides: str):
 
 def read_metrics(run_dir) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses_by_step(run_dir: Path) -> dict[int, float]:
+    """The last logged loss of every step (a resumed run re-logs the steps after its checkpoint)."""
+    losses = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        event = json.loads(line)
+        if "train/loss" in event:
+            losses[event["step"]] = event["train/loss"]
+    return losses
+
+
+def assert_bitwise_equal_checkpoints(a: Path, b: Path) -> None:
+    state_a, state_b = (torch.load(p / "train_state.pt", weights_only=True) for p in (a, b))
+    assert state_a["counters"] == state_b["counters"]
+    for key, value in state_a["model"].items():
+        assert torch.equal(value, state_b["model"][key]), key
+    optim_a, optim_b = state_a["optimizer"]["state"], state_b["optimizer"]["state"]
+    assert optim_a.keys() == optim_b.keys()
+    for name in optim_a:
+        for key, value in optim_a[name].items():
+            assert torch.equal(value, optim_b[name][key]), (name, key)
+    for rank_file in sorted(p.name for p in a.glob("rank-*.pt")):
+        rank_a, rank_b = (torch.load(p / rank_file, weights_only=True) for p in (a, b))
+        assert rank_a["data"] == rank_b["data"], rank_file
+        assert torch.equal(rank_a["rng"]["torch"], rank_b["rng"]["torch"]), rank_file
 
 
 def load_model_state(checkpoint: Path) -> dict[str, torch.Tensor]:

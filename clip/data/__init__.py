@@ -2,7 +2,8 @@
 
     from clip.data import build_train_loader, check_train_data
 
-Training: WebDataset shards and CSV files -> batches with exact, resumable positions (docs/data.md).
+Training: WebDataset shards (local or remote) and CSV files -> batches with exact, resumable positions
+(docs/data.md).
 Eval datasets live in `clip.data.eval_datasets`; the synthetic shard writer in `clip.data.synthetic`.
 """
 
@@ -18,9 +19,10 @@ def check_train_data(data_cfg: DataConfig, *, world_size: int) -> None:
     """Startup checks to run before any process-group work.
 
     Raises DataConfigError naming the `data.<key>` to fix: unset or malformed `data.train_shards`, a
-    missing local shard, list or CSV file, a `pipe:` URL without `data.allow_pipe_urls`, epoch mode
-    without sample counts, a bad `data.subset` or `data.balance` file, or fewer shards than
-    `world_size x num_workers` readers in epoch mode.
+    missing local shard, list or CSV file, a `pipe:` URL without `data.allow_pipe_urls`, a remote URL
+    carrying credentials or whose SDK is not installed, epoch mode without sample counts, a bad
+    `data.subset` or `data.balance` file, or fewer shards than `world_size x num_workers` readers in
+    epoch mode.
     """
     sources = resolve_sources(data_cfg, read_csv=False)
     build_selector(data_cfg, seed=0)  # a missing or malformed data.subset / data.balance file

@@ -1,13 +1,14 @@
-"""Opening one shard (local tar, `pipe:` command, or CSV chunk) and turning it into records and skip events."""
+"""Opening one shard (local or remote tar, `pipe:` command, CSV chunk) and turning it into records and skip events."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 from clip.data.records import Item, Record, SkipEvent
+from clip.data.remote import ResumingStream, is_remote, redact
 from clip.data.sources import Shard, is_pipe, local_path
 from clip.data.subset import uid_from_key
 from clip.data.tar_reader import iter_tar_samples
@@ -41,6 +42,23 @@ def _read_local(shard: Shard, max_member_bytes: int) -> Iterator[Item]:
             )
         except OSError as e:  # I/O error in the middle of the file (disk, network file system)
             yield SkipEvent("truncated_shard", shard.url, "", f"read error in {shard.url}: {e}")
+
+
+def _read_remote(shard: Shard, max_member_bytes: int, open_retries: int) -> Iterator[Item]:
+    # The stream retries failed reads itself (clip.data.remote); what reaches here has used its attempts.
+    name = redact(shard.url)
+    try:
+        f = ResumingStream(shard.url, attempts=open_retries)
+    except Exception as e:  # FileNotFoundError, PermissionError, or the SDK's error after the retries
+        yield SkipEvent("unreadable_shard", name, "", f"cannot open {name}: {redact(str(e))}")
+        return
+    with f:
+        try:
+            yield from iter_tar_samples(
+                f, name, max_member_bytes=max_member_bytes, size=f.size, expected_samples=shard.num_samples
+            )
+        except OSError as e:
+            yield SkipEvent("truncated_shard", name, "", f"read error in {name}: {redact(str(e))}")
 
 
 def _read_pipe(shard: Shard, max_member_bytes: int, open_retries: int) -> Iterator[Item]:
@@ -79,4 +97,6 @@ def read_shard(shard: Shard, *, max_member_bytes: int, open_retries: int) -> Ite
         return _read_csv_chunk(shard)
     if is_pipe(shard.url):
         return _read_pipe(shard, max_member_bytes, open_retries)
+    if is_remote(shard.url):
+        return _read_remote(shard, max_member_bytes, open_retries)
     return _read_local(shard, max_member_bytes)

@@ -1,7 +1,8 @@
 """Resolving `data.train_shards` into shards: expansion, safety rules, startup checks, sample counts.
 
 Everything here runs in the training process before any worker starts, and every problem it finds is
-a `DataConfigError` naming the `data.<key>` to fix, before any side effect.
+a `DataConfigError` naming the `data.<key>` to fix, before any side effect. Remote shards
+(clip.data.remote) are not opened here; only their `sizes.json` and shard lists are read.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from clip.config import ConfigError, DataConfig
+from clip.data.remote import is_remote, read_small_file, redact, url_problem
 
 LIST_SUFFIXES = (".txt",)
 CSV_DELIMITERS = {".csv": ",", ".tsv": "\t"}
@@ -33,7 +35,8 @@ class DataError(RuntimeError):
 class Shard:
     """One unit of reading: a tar shard, or a chunk of CSV rows.
 
-    `url` is a local path, a `pipe:` command, or for CSV chunks `<file>[<chunk>/<num_chunks>]`.
+    `url` is a local path, a remote URL (clip.data.remote), a `pipe:` command, or for CSV chunks
+    `<file>[<chunk>/<num_chunks>]`.
     `num_samples` comes from the manifest (or the CSV itself); None when unknown.
     """
 
@@ -95,11 +98,16 @@ def _check_url(url: str, origin: str, cfg: DataConfig) -> None:
                 "data.allow_pipe_urls=true if you trust this config"
             )
         return
+    if is_remote(url):
+        problem = url_problem(url)
+        if problem:
+            raise DataConfigError(f"{origin}: {problem}")
+        return
     scheme = url.split("://", 1)[0] if "://" in url else ""
     if scheme and scheme != "file":
         raise DataConfigError(
-            f"{origin}: {url!r} uses the unsupported scheme {scheme}://; use a local path or a pipe: command "
-            f"(e.g. 'pipe:aws s3 cp {url} -' with data.allow_pipe_urls=true)"
+            f"{origin}: {redact(url)!r} uses the unsupported scheme {scheme}://; use a local path, s3://, gs://, "
+            "https://, hf:// or a pipe: command"
         )
 
 
@@ -110,24 +118,49 @@ def _expand_config_pattern(pattern: str, origin: str) -> list[str]:
         raise DataConfigError(f"{origin}: {error}") from None
 
 
+def _read_text(path: str, key: str, what: str) -> Optional[str]:
+    """A small local or remote file's text (a shard list, a manifest), or None when it does not exist."""
+    if not is_remote(path):
+        if not os.path.isfile(path):
+            return None
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.read()
+        except (OSError, ValueError) as e:  # no permission, not UTF-8
+            raise DataConfigError(f"{key}: cannot read the {what} {path}: {e}") from e
+    problem = url_problem(path)
+    if problem:
+        raise DataConfigError(f"{key}: {problem}")
+    try:
+        data = read_small_file(path)
+    except Exception as e:  # the SDK's own error types: a network error, missing credentials
+        raise DataConfigError(f"{key}: cannot read the {what} {redact(path)}: {redact(str(e))}") from None
+    try:
+        return None if data is None else data.decode("utf-8")
+    except ValueError as e:
+        raise DataConfigError(f"{key}: cannot read the {what} {redact(path)}: {e}") from e
+
+
+def _directory(url: str) -> str:
+    return url.rsplit("/", 1)[0] if is_remote(url) else os.path.dirname(os.path.abspath(local_path(url)))
+
+
 def _tar_urls(spec: str, cfg: DataConfig) -> list[tuple[str, str]]:
     """(url, origin) pairs of one source: brace patterns, and `.txt` list files expanded in place."""
     result = []
     for pattern in _expand_config_pattern(spec, "data.train_shards"):
         path = local_path(pattern)
         if not is_pipe(pattern) and path.endswith(LIST_SUFFIXES):
-            if not os.path.isfile(path):
-                raise DataConfigError(f"data.train_shards: shard list file {path} does not exist")
-            base = os.path.dirname(os.path.abspath(path))
-            with open(path, encoding="utf-8") as f:
-                lines = [line.strip() for line in f]
-            for line in lines:
+            text = _read_text(path, "data.train_shards", "shard list file")
+            if text is None:
+                raise DataConfigError(f"data.train_shards: shard list file {redact(path)} does not exist")
+            for line in (line.strip() for line in text.splitlines()):
                 if not line or line.startswith("#"):
                     continue
                 for url in _expand_config_pattern(line, f"data.train_shards ({path})"):
                     _check_url(url, f"data.train_shards ({path})", cfg)
-                    if "://" not in url and not os.path.isabs(url):
-                        url = os.path.join(base, url)
+                    if "://" not in url and not os.path.isabs(url):  # relative to the list file
+                        url = f"{_directory(path)}/{url}" if is_remote(path) else os.path.join(_directory(path), url)
                     result.append((url, path))
         else:
             _check_url(pattern, "data.train_shards", cfg)
@@ -135,20 +168,29 @@ def _tar_urls(spec: str, cfg: DataConfig) -> list[tuple[str, str]]:
     return result
 
 
-def _load_manifest(path: str, key: str) -> dict[str, int]:
+def _load_manifest(path: str, key: str) -> Optional[dict[str, int]]:
+    """The counts in a manifest, or None when it does not exist."""
+    text = _read_text(path, key, "shard manifest")
+    if text is None:
+        return None
     try:
-        with open(path, encoding="utf-8") as f:
-            counts = json.load(f)
-    except (OSError, ValueError) as e:
-        raise DataConfigError(f"{key}: cannot read the shard manifest {path}: {e}") from e
+        counts = json.loads(text)
+    except ValueError as e:
+        raise DataConfigError(f"{key}: cannot read the shard manifest {redact(path)}: {e}") from e
     if not isinstance(counts, dict) or not all(isinstance(v, int) and v >= 0 for v in counts.values()):
-        raise DataConfigError(f"{key}: {path} must map shard names to sample counts, like OpenCLIP's sizes.json")
+        raise DataConfigError(
+            f"{key}: {redact(path)} must map shard names to sample counts, like OpenCLIP's sizes.json"
+        )
     return counts
 
 
 def _sample_counts(urls: list[str], cfg: DataConfig) -> list[Optional[int]]:
     """Per-shard counts from `data.train_manifest` (by full URL, then basename) or a sizes.json beside each shard."""
-    explicit = _load_manifest(cfg.train_manifest, "data.train_manifest") if cfg.train_manifest else None
+    explicit = None
+    if cfg.train_manifest:
+        explicit = _load_manifest(cfg.train_manifest, "data.train_manifest")
+        if explicit is None:
+            raise DataConfigError(f"data.train_manifest: {redact(cfg.train_manifest)} does not exist")
     beside: dict[str, Optional[dict[str, int]]] = {}
     counts = []
     for url in urls:
@@ -159,10 +201,10 @@ def _sample_counts(urls: list[str], cfg: DataConfig) -> list[Optional[int]]:
         if is_pipe(url):
             counts.append(None)
             continue
-        directory = os.path.dirname(os.path.abspath(local_path(url)))
-        if directory not in beside:
-            manifest = os.path.join(directory, MANIFEST_NAME)
-            beside[directory] = _load_manifest(manifest, "data.train_manifest") if os.path.isfile(manifest) else None
+        directory = _directory(url)
+        if directory not in beside:  # one read per directory, remote ones included
+            manifest = f"{directory}/{MANIFEST_NAME}" if is_remote(url) else os.path.join(directory, MANIFEST_NAME)
+            beside[directory] = _load_manifest(manifest, "data.train_manifest")
         found = beside[directory]
         counts.append(found.get(name) if found is not None else None)
     return counts
@@ -232,6 +274,8 @@ def resolve_sources(cfg: DataConfig, *, read_csv: bool = True) -> list[Source]:
         source = Source(index=index, spec=part, weight=float(weight))
         csv_path = local_path(part)
         if not is_pipe(part) and os.path.splitext(csv_path)[1].lower() in CSV_DELIMITERS:
+            if is_remote(part):  # its rows name image files, which are read as local paths
+                raise DataConfigError(f"data.train_shards: CSV sources must be local files, not {redact(part)}")
             if not os.path.isfile(csv_path):
                 raise DataConfigError(f"data.train_shards: CSV file {csv_path} does not exist")
             source.csv_rows = _read_csv(csv_path, cfg, header_only=not read_csv)
@@ -240,7 +284,10 @@ def resolve_sources(cfg: DataConfig, *, read_csv: bool = True) -> list[Source]:
         urls_with_origin = _tar_urls(part, cfg)
         if not urls_with_origin:
             raise DataConfigError(f"data.train_shards: source {part!r} expands to no shards")
-        missing = [u for u, _ in urls_with_origin if not is_pipe(u) and not os.path.isfile(local_path(u))]
+        # Remote shards are not looked up here (one request per shard); a missing one is an unreadable shard.
+        missing = [
+            u for u, _ in urls_with_origin if not is_pipe(u) and not is_remote(u) and not os.path.isfile(local_path(u))
+        ]
         if missing:
             raise DataConfigError(f"data.train_shards: {len(missing)} shard(s) do not exist: {name_some(missing)}")
         urls = [u for u, _ in urls_with_origin]
@@ -249,7 +296,7 @@ def resolve_sources(cfg: DataConfig, *, read_csv: bool = True) -> list[Source]:
             unknown = [u for u, c in zip(urls, counts) if c is None]
             raise DataConfigError(
                 f"data.train_shards: epoch mode needs per-shard sample counts, and {len(unknown)} shard(s) have none "
-                f"(first: {unknown[0]}); put a {MANIFEST_NAME} beside the shards (python -m clip.data.manifest "
+                f"(first: {redact(unknown[0])}); put a {MANIFEST_NAME} beside the shards (python -m clip.data.manifest "
                 "SHARDS...), set data.train_manifest, or use data.resampled=true"
             )
         source.shards = [Shard(url=u, source=index, num_samples=c) for u, c in zip(urls, counts)]
