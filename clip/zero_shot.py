@@ -24,7 +24,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from tqdm import tqdm
 
-from clip.data.eval_datasets import ClassificationSet, RetrievalSet, TarEvalDataset, collate_eval_batch
+from clip.data.eval_datasets import ClassificationSet, RetrievalSet
+from clip.data.eval_shards import TarEvalDataset, collate_eval_batch
 from clip.models.clip import CLIP
 from clip.models.text_packing import pack_text
 
@@ -257,12 +258,14 @@ def evaluate_zero_shot(
     autocast_dtype: torch.dtype | None = None,
     progress: bool = False,
     classifier: torch.Tensor | None = None,
+    predictions: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Zero-shot accuracy of `model` on `dataset` of (image, class index).
 
     Call it on every rank (or in a single process). Returns `eval/<name>_top1`, `_top5`,
     `_mean_per_class_recall`, `_num_samples`, the same on every rank. `classifier` [E, C] skips
-    the text encoding (e.g. from a previous call with the same text tower).
+    the text encoding (e.g. from a previous call with the same text tower). A `predictions` dict
+    receives the per-sample `top1` class and `target` (CPU, dataset order), e.g. for paired comparisons.
     """
     device = _device_of(model, device)
     if classifier is None:
@@ -287,6 +290,8 @@ def evaluate_zero_shot(
             keys.append(batch_keys)
     empty = torch.zeros(0, dtype=torch.long, device=device)
     _, top, target = _gather_in_order(_cat(keys, empty), _cat(tops, empty.view(0, k)), _cat(labels, empty))
+    if predictions is not None:
+        predictions.update(top1=top[:, 0].cpu(), target=target.cpu())
     try:
         metrics = _topk_metrics(top, target, len(classnames))
     except ValueError as error:  # which set: the trainer and the script evaluate several
