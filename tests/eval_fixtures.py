@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import tarfile
@@ -28,6 +29,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def zero_shot_script():
+    """scripts/zero_shot.py as a fresh module (scripts/ is not a package)."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / "zero_shot.py"
+    spec = importlib.util.spec_from_file_location("zero_shot_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_model() -> CLIP:

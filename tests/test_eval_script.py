@@ -4,9 +4,7 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import open_clip
@@ -24,17 +22,13 @@ from tests.eval_fixtures import (  # noqa: F401
     write_caption_set,
     write_image_folder,
     write_tar,
+    zero_shot_script,
 )
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "zero_shot.py"
 
 
 @pytest.fixture
 def script():
-    spec = importlib.util.spec_from_file_location("zero_shot_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return zero_shot_script()
 
 
 @pytest.fixture
