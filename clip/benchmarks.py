@@ -132,9 +132,11 @@ _IMAGENET_FAMILY = [
     Benchmark("objectnet", 113, directories=("objectnet-1.0", "objectnet", "wds_objectnet"), read_release=_objectnet),
 ]  # fmt: skip
 _CIFAR = [Benchmark(name, None, directories=(name, f"wds_{name}")) for name in ("cifar10", "cifar100")]
+_MAIN_METRICS = {name: "mean_per_class_recall" for name in _MEAN_PER_CLASS} | {
+    "voc2007_multilabel": "mean_average_precision_11point"  # the CLIP paper's VOC2007 metric
+}
 _CLIP_PAPER = [
-    Benchmark(name, None, "mean_per_class_recall" if name in _MEAN_PER_CLASS else "top1", (name, f"wds_{name}"))
-    for name in CLIP_PAPER_SECTIONS
+    Benchmark(name, None, _MAIN_METRICS.get(name, "top1"), (name, f"wds_{name}")) for name in CLIP_PAPER_SECTIONS
 ]
 _RETRIEVAL = [
     Benchmark(name, None, "image_retrieval_recall@5", (name, f"wds_{name}")) for name in ("mscoco_captions", "flickr30k", "flickr8k")

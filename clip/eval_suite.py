@@ -33,7 +33,7 @@ IMAGENET_SHIFTS = ("imagenet-v2", "imagenet-r", "imagenet-a", "imagenet-sketch",
 _CLIP_PAPER = (
     "imagenet1k", "cifar10", "cifar100", "food101", "sun397", "cars", "fgvc_aircraft", "dtd", "pets", "caltech101",
     "flowers", "mnist", "stl10", "eurosat", "resisc45", "gtsrb", "kitti_closest_vehicle_distance", "country211",
-    "pcam", "renderedsst2", "fer2013", "clevr_count_all", "voc2007", "birdsnap", "ucf101", "kinetics700",
+    "pcam", "renderedsst2", "fer2013", "clevr_count_all", "voc2007_multilabel", "birdsnap", "ucf101", "kinetics700",
     "hateful_memes",
 )  # fmt: skip
 # DataComp reports fairface and utkface apart from its 38-task average.

@@ -184,6 +184,7 @@ def build_zero_shot_classifier(
     device: torch.device | str | None = None,
     autocast_dtype: torch.dtype | None = None,
     prompts_per_call: int = 1024,
+    progress: bool = False,
 ) -> torch.Tensor:
     """Class weights [E, C]: per class, the mean of its prompts' L2-normalised text embeddings,
     renormalised (prompt ensembling, Radford et al. 2021, arXiv:2103.00020 §3.1.4).
@@ -204,7 +205,8 @@ def build_zero_shot_classifier(
     classes_per_call = max(1, prompts_per_call // len(templates))
     rows = []
     with _eval_mode(model), _autocast(device, autocast_dtype):
-        for start in range(0, per_rank, classes_per_call):
+        starts = range(0, per_rank, classes_per_call)
+        for start in tqdm(starts, desc="classifier", unit="call", disable=not progress or rank != 0):
             block = [classnames[index] for index in indices[start : start + classes_per_call]]
             prompts = [format_prompt(template, classname) for classname in block for template in templates]
             embeddings = _encode_text(model, tokenize(prompts), device)  # [classes x templates, E]
@@ -270,7 +272,7 @@ def evaluate_zero_shot(
     device = _device_of(model, device)
     if classifier is None:
         classifier = build_zero_shot_classifier(
-            model, tokenize, classnames, templates, device=device, autocast_dtype=autocast_dtype
+            model, tokenize, classnames, templates, device=device, autocast_dtype=autocast_dtype, progress=progress
         )
     k = min(max(TOPK), len(classnames))
     tops, labels, keys = [], [], []

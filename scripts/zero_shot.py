@@ -42,6 +42,7 @@ from clip.eval_results import ResultsDirectory, compare, data_fingerprint, file_
 from clip.eval_suite import PlannedSet, open_named, plan_suite, run_sets, summarise
 from clip.linear_probe import FEATURES, check_disjoint, evaluate_linear_probe
 from clip.models.weights import CheckpointError
+from clip.multilabel import evaluate_multilabel
 from clip.tokenizer import get_tokenizer
 from clip.zero_shot import evaluate_retrieval, evaluate_zero_shot
 
@@ -298,6 +299,17 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
                 **options,
             )
             main_metric = f"fewshot{args.fewshot_k}_top1" if args.fewshot_k else "linear_probe_top1"
+        elif getattr(eval_set, "multilabel", False):
+            metrics = evaluate_multilabel(
+                model,
+                eval_set.dataset,
+                eval_set.classnames,
+                eval_set.templates,
+                tokenize,
+                name=eval_set.name,
+                **options,
+            )
+            main_metric = eval_set.main_metric
         elif hasattr(eval_set, "classnames"):
             metrics = evaluate_zero_shot(
                 model,

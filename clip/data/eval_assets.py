@@ -64,6 +64,7 @@ CLIP_PAPER_SECTIONS = {
     "fer2013": "FacialEmotionRecognition2013",
     "clevr_count_all": "CLEVRCounts",
     "voc2007": "PascalVOC2007",
+    "voc2007_multilabel": "PascalVOC2007",
     "birdsnap": "Birdsnap",
     "ucf101": "UCF101",
     "kinetics700": "Kinetics700",

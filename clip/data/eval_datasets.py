@@ -57,6 +57,7 @@ class ClassificationSet:
     templates: list[str]
     path: str = ""  # where it was read from (the results' record of it)
     main_metric: str = "top1"  # the metric its benchmark reports
+    multilabel: bool = False  # targets are 0/1 rows over the classes (clip.multilabel)
 
 
 @dataclass
@@ -184,6 +185,7 @@ def _shard_set(
     name: str | None,
     split: str,
     default_templates: Sequence[str] | None = None,
+    target: str = "cls",
 ) -> ClassificationSet:
     # Class names and templates sit next to the shards or one level up (CLIP_benchmark's layout).
     shard_dir = Path(shards[0]).parent
@@ -192,7 +194,7 @@ def _shard_set(
     if names_file is None:
         raise FileNotFoundError(f"eval shards in {shard_dir}: no {CLASSNAMES_FILE} there or one level up")
     templates = _templates_next_to(directories) or list(default_templates or DEFAULT_TEMPLATES)
-    dataset = TarEvalDataset(list(shards), transform, "cls")
+    dataset = TarEvalDataset(list(shards), transform, target)
     set_name = name or _shard_set_name(shard_dir, split)
     return ClassificationSet(set_name, dataset, read_lines(names_file), templates, str(shard_dir))
 
@@ -210,21 +212,23 @@ def load_export(
     split: str = "test",
     default_templates: Sequence[str] | None = None,
 ) -> ClassificationSet | RetrievalSet:
-    """A CLIP_benchmark WebDataset export, as its `dataset_type.txt` says (`retrieval`, `multilabel`;
-    absent: classification, as CLIP_benchmark reads it). `default_templates`: where it ships none."""
+    """A CLIP_benchmark WebDataset export, as its `dataset_type.txt` says (`retrieval`, `multilabel`
+    with `npy` label rows; absent: classification, as CLIP_benchmark reads it). `default_templates`:
+    where it ships none."""
     root = Path(root)
     type_file = root / DATASET_TYPE_FILE
     task = type_file.read_text(encoding="utf-8").strip().lower() if type_file.is_file() else "classification"
     if task == "retrieval":
         return load_retrieval_set(root, transform, name=name or name_from_path(root), split=split)
-    if task == "multilabel":
-        raise ValueError(f"{root}: multilabel exports (VOC2007 multilabel, mAP) are not supported yet")
-    if task != "classification":
+    if task not in ("classification", "multilabel"):
         raise ValueError(f"{type_file}: unknown dataset type {task!r} (classification, multilabel or retrieval)")
     shards = [str(shard) for shard in _shards_in_directory(root, split)]
     if not shards:
         raise FileNotFoundError(f"{root}: no .tar shards in {root / split} or {root}")
-    return _shard_set(shards, transform, name, split, default_templates)
+    eval_set = _shard_set(shards, transform, name, split, default_templates, "npy" if task == "multilabel" else "cls")
+    if task == "multilabel":
+        eval_set.multilabel, eval_set.main_metric = True, "mean_average_precision"
+    return eval_set
 
 
 def load_classification_set(

@@ -1,5 +1,5 @@
 """WebDataset eval shards, read with the training pipeline's tar reader (`clip.data.tar_reader`), not
-webdataset: only image, `cls` and `txt` members of regular files under a size cap are read, nothing is
+webdataset: only image, `cls`, `npy` (without pickles) and `txt` members of regular files under a size cap are read, nothing is
 unpickled, unsafe members are skipped, images are decoded by `clip.data.decode`, and a shard without its
 end-of-archive marker is an error (a cut at a member boundary is otherwise silent)."""
 
@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import copy
 import glob
+import io
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, default_collate, get_worker_info
@@ -56,8 +58,8 @@ def expand_shards(spec: str | Sequence[str]) -> list[str]:
 
 
 class TarEvalDataset(IterableDataset):
-    """Samples of WebDataset eval shards: an image (`jpg/jpeg/png/webp`) and a `cls` label or `txt`
-    captions (one per line). Only regular members no larger than `max_member_bytes` are read;
+    """Samples of WebDataset eval shards: an image (`jpg/jpeg/png/webp`) and a `cls` label, an `npy`
+    multilabel row (0/1 per class, read with `allow_pickle=False`) or `txt` captions (one per line). Only regular members no larger than `max_member_bytes` are read;
     every other member is skipped with a warning and nothing is unpickled or written to disk.
 
     Each DataLoader worker reads its own subset of the shards; `for_rank` gives a rank its share
@@ -72,8 +74,10 @@ class TarEvalDataset(IterableDataset):
         *,
         max_member_bytes: int = DataConfig.max_member_bytes,
     ):
-        if target not in ("cls", "txt"):
-            raise ValueError(f"target must be 'cls' (labels) or 'txt' (captions), not {target!r}")
+        if target not in ("cls", "txt", "npy"):
+            raise ValueError(
+                f"target must be 'cls' (labels), 'npy' (multilabel rows) or 'txt' (captions), not {target!r}"
+            )
         self.shards = expand_shards(shards)
         self.transform = transform
         self.target = target
@@ -132,11 +136,22 @@ class TarEvalDataset(IterableDataset):
             return None
         try:
             image = decode_image(members[image_ext])
-            text = members[self.target].decode("utf-8")
-            target = int(text.strip()) if self.target == "cls" else [line for line in text.split("\n") if line]
-            if not target and self.target == "txt":
-                raise ValueError("no captions")
+            target = self._target(members[self.target])
         except ValueError as error:  # ImageDecodeError, a label that is not an int, UnicodeDecodeError
             log.warning("eval shard %s: sample %r is unreadable (%s); skipped", shard, group.key, error)
             return None
         return self.transform(image), target
+
+    def _target(self, data: bytes) -> Any:
+        if self.target == "npy":  # a multilabel row: an array, never a pickle
+            row = np.load(io.BytesIO(data), allow_pickle=False)
+            if row.ndim != 1:
+                raise ValueError(f"a multilabel .npy must be one row, not shape {row.shape}")
+            return torch.from_numpy(row.astype(np.int64))
+        text = data.decode("utf-8")
+        if self.target == "cls":
+            return int(text.strip())
+        captions = [line for line in text.split("\n") if line]
+        if not captions:
+            raise ValueError("no captions")
+        return captions
