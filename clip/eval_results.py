@@ -160,9 +160,11 @@ class ResultsDirectory:
 def _metric_from_predictions(metric: str, top1: np.ndarray, target: np.ndarray) -> float | None:
     if metric == "top1":
         return float((top1 == target).mean())
-    if metric == "mean_per_class_recall":
-        classes = np.unique(target)
-        return float(np.mean([(top1[target == c] == c).mean() for c in classes]))
+    if metric == "mean_per_class_recall":  # by counts: 1000 resamples of ImageNet's 50k take seconds
+        total = np.bincount(target)
+        correct = np.bincount(target[top1 == target], minlength=len(total))
+        present = total > 0
+        return float(np.mean(correct[present] / total[present]))
     return None
 
 

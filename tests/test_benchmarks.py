@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from clip.benchmarks import BENCHMARKS, load_benchmark
@@ -168,3 +169,22 @@ def test_shipped_clip_paper_lists_match_clip_benchmark_where_it_has_them():
     # (CLIP_benchmark's RESISC45 templates are its own, not OpenAI's.)
     for name in ("cars", "dtd", "stl10", "eurosat", "gtsrb", "fer2013"):
         assert get_templates(name) == [t.replace("{c}", "{}") for t in templates[name]], name
+
+
+def test_cifar_by_name_from_torchvision_files(tmp_path):
+    import pickle
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    labels = [3, 0, 9, 3, 7]
+    # flat colour images, 32 x 32, channel-major rows as CIFAR stores them
+    pixels = np.stack([np.concatenate([np.full(1024, label), np.zeros(1024), np.full(1024, 77)]) for label in labels])
+    for filename in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        entry = {"data": pixels.astype(np.uint8), "labels": labels}
+        (folder / filename).write_bytes(pickle.dumps(entry, protocol=2))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": get_classnames("cifar10")}, protocol=2))
+    eval_set = load_benchmark("cifar10", tmp_path, TRANSFORM)
+    assert eval_set.name == "cifar10" and len(eval_set.templates) == 18
+    assert _score(OracleCLIP(get_classnames("cifar10"), eval_set.templates), eval_set)["top1"] == 1.0
+    with pytest.raises(ValueError, match="the CIFAR files there are not cifar100's"):
+        load_benchmark("cifar100", tmp_path, TRANSFORM)

@@ -7,10 +7,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import balanced_accuracy_score
 
 import clip
 import clip.benchmarks
-from clip.eval_results import ResultsDirectory, compare, paired_bootstrap
+from clip.eval_results import ResultsDirectory, _metric_from_predictions, compare, paired_bootstrap
 from clip.eval_suite import datacomp_tasks, plan_suite
 from clip.transforms import image_transform_eval
 from tests.benchmark_fixtures import write_colour_image
@@ -102,5 +103,13 @@ def test_compare_gives_the_difference_and_a_paired_bootstrap_interval(tmp_path, 
     assert 0.0 < low < 0.1 < high < 0.14
     same = paired_bootstrap("top1", {"top1": first, "target": target}, {"top1": first, "target": target})
     assert same == (0.0, 0.0)
+    # The resampled metric is the reported one: mean per-class recall is sklearn's balanced accuracy.
+    recall = paired_bootstrap(
+        "mean_per_class_recall", {"top1": first, "target": target}, {"top1": first, "target": target}
+    )
+    assert recall == (0.0, 0.0)
+    assert _metric_from_predictions("mean_per_class_recall", first, target) == pytest.approx(
+        balanced_accuracy_score(target, first), abs=1e-12
+    )
     with pytest.raises(FileNotFoundError, match="is not a results directory"):
         compare([tmp_path / "a", tmp_path / "missing"])
