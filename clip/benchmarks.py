@@ -136,8 +136,9 @@ _MAIN_METRICS = {name: "mean_per_class_recall" for name in _MEAN_PER_CLASS} | {
     "voc2007_multilabel": "mean_average_precision_11point"  # the CLIP paper's VOC2007 metric
 }
 _CLIP_PAPER = [
-    Benchmark(name, None, _MAIN_METRICS.get(name, "top1"), (name, f"wds_{name}")) for name in CLIP_PAPER_SECTIONS
-]
+    Benchmark(name, None, _MAIN_METRICS.get(name, "top1"), (name, f"wds_{name}", f"wds_vtab-{name}"))
+    for name in CLIP_PAPER_SECTIONS
+]  # (CLIP_benchmark's Hugging Face exports of the VTAB datasets are wds_vtab-<name>)
 _RETRIEVAL = [
     Benchmark(name, None, "image_retrieval_recall@5", (name, f"wds_{name}")) for name in ("mscoco_captions", "flickr30k", "flickr8k")
 ]  # fmt: skip
