@@ -186,3 +186,22 @@ def test_released_weights_are_looked_up_in_download_root(tmp_path, script):
     message = str(exit_info.value.code)
     assert message.startswith("error: --model ViT-B/32: ")
     assert f"put it at {tmp_path / 'weights' / 'ViT-B-32.pt'}" in message
+
+
+def test_a_benchmark_by_name_is_recorded_with_its_metric_and_templates(tmp_path, script, loaded, monkeypatch):
+    import clip.benchmarks
+
+    monkeypatch.setattr(clip.benchmarks, "get_templates", lambda name: ["a photo of a {}."])  # 1000 prompts, not 80k
+    rng = np.random.default_rng(0)
+    for number in ("3", "10"):
+        (tmp_path / "v2" / number).mkdir(parents=True)
+        (tmp_path / "v2" / number / "a.jpeg").write_bytes(image_bytes(rng, "JPEG"))
+    results = script.main(["--model", "tiny-vit", "--benchmark", "imagenet-v2", "--data", str(tmp_path / "v2"),
+                           "--workers", "0", "--precision", "bf16", "--output", str(tmp_path / "out")])
+    written = json.loads((tmp_path / "out" / "results.json").read_text())
+    entry = written["sets"]["imagenet-v2"]
+    assert results["imagenet-v2"]["num_samples"] == 2 and entry["fingerprint"]["num_classes"] == 1000
+    assert entry["templates"] == ["a photo of a {}."] and written["precision"] == "bf16"
+    assert "precision bf16" in (tmp_path / "out" / "results.md").read_text()
+    with pytest.raises(SystemExit):
+        script.parse_args(["--model", "m", "--suite", "imagenet-shifts", "--data", "/d", "--task", "retrieval"])
