@@ -37,7 +37,14 @@ from typing import Any
 import torch
 
 from clip.benchmarks import BENCHMARKS, load_benchmark
-from clip.data.eval_datasets import check_unique_names, load_classification_set, load_retrieval_set, split_named_path
+from clip.data.eval_datasets import (
+    check_unique_names,
+    is_export,
+    load_classification_set,
+    load_export,
+    load_retrieval_set,
+    split_named_path,
+)
 from clip.eval_results import ResultsDirectory, compare, data_fingerprint, file_sha256
 from clip.eval_suite import PlannedSet, open_named, plan_suite, run_sets, summarise
 from clip.linear_probe import FEATURES, check_disjoint, evaluate_linear_probe
@@ -187,6 +194,8 @@ def _open_eval_sets(args: argparse.Namespace, spec: str, preprocess) -> tuple[An
             eval_set.name = name or eval_set.name
         elif args.task == "retrieval":
             eval_set = load_retrieval_set(path, preprocess, images=args.images, name=name, split=args.split)
+        elif args.task == "zero-shot" and is_export(Path(path), args.split):  # its dataset_type.txt says the task
+            eval_set = load_export(path, preprocess, name=name, split=args.split)
         else:
             eval_set = load_classification_set(path, preprocess, name=name, split=args.split)
     except (FileNotFoundError, ValueError) as error:

@@ -79,3 +79,21 @@ def test_a_retrieval_export_is_read_as_retrieval(tmp_path):
     (export / "dataset_type.txt").write_text("segmentation\n")
     with pytest.raises(ValueError, match="unknown dataset type 'segmentation'"):
         load_export(export, TRANSFORM)
+
+
+def test_the_script_reads_an_export_as_its_dataset_type_says(tmp_path, monkeypatch):
+    import clip
+    from tests.eval_fixtures import tiny_model, zero_shot_script
+
+    model = tiny_model()
+    monkeypatch.setattr(clip, "load", lambda *args, **kwargs: (model, TRANSFORM), raising=False)
+    export = tmp_path / "voc"
+    (export / "test").mkdir(parents=True)
+    members = [(f"{k}.png", colour_png(k)) for k in range(3)]
+    write_tar(export / "test" / "0.tar", [m for k in range(3) for m in (members[k], (f"{k}.npy", _npy([1, k % 2])))])
+    (export / "classnames.txt").write_text("cat\ndog\n")
+    (export / "dataset_type.txt").write_text("multilabel\n")
+    results = zero_shot_script().main(["--model", "m", "--data", str(export), "--workers", "0",
+                                       "--output", str(tmp_path / "out")])  # fmt: skip
+    assert results["voc"]["num_samples"] == 3 and "mean_average_precision_11point" in results["voc"]
+    assert results["voc"]["mean_average_precision"] >= 0.5  # class 0 is positive everywhere: AP 1
