@@ -188,3 +188,18 @@ def test_cifar_by_name_from_torchvision_files(tmp_path):
     assert _score(OracleCLIP(get_classnames("cifar10"), eval_set.templates), eval_set)["top1"] == 1.0
     with pytest.raises(ValueError, match="the CIFAR files there are not cifar100's"):
         load_benchmark("cifar100", tmp_path, TRANSFORM)
+
+
+@pytest.mark.parametrize("name", ["imagenet-r", "imagenet-a", "imagenet-o"])
+def test_subsets_equal_clip_benchmarks_on_a_complete_release_folder(tmp_path, name):
+    from clip_benchmark.datasets.builder import build_dataset
+
+    subset = get_imagenet_subset(name)
+    png = colour_png(0, size=4)
+    for wnid in subset:
+        (tmp_path / wnid).mkdir()
+        (tmp_path / wnid / "0.png").write_bytes(png)
+    theirs = build_dataset(name, root=str(tmp_path), transform=TRANSFORM, download=False)
+    ours = load_benchmark(name, tmp_path, TRANSFORM)
+    assert ours.classnames == theirs.classes
+    assert [label for _, label in ours.dataset.samples] == [label for _, label in theirs.samples]

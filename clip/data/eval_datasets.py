@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -67,7 +67,7 @@ class RetrievalSet:
     name: str
     dataset: Dataset  # yields (image [3, H, W], list of captions)
     path: str = ""
-    main_metric: str = field(default="image_retrieval_recall@5")
+    main_metric: str = "image_retrieval_recall@5"
 
 
 def name_from_path(path: str | Path) -> str:
