@@ -101,16 +101,18 @@ def plan_suite(suite: str, root: str | Path, open_benchmark: Callable[[str, Path
     return planned
 
 
+def _datacomp_set(key: str) -> tuple[str, str]:
+    """Our set name and the directory of DataComp task `key`."""
+    if key in _DATACOMP_RETRIEVAL:
+        return _DATACOMP_RETRIEVAL[key], f"wds_{_DATACOMP_RETRIEVAL[key]}"
+    short = key.removeprefix("fairness/")  # as DataComp's download script names the directories
+    return _DATACOMP_NAMES.get(short, short.rsplit("/", 1)[-1]), f"wds_{short.replace('/', '-')}_test"
+
+
 def _plan_datacomp(root: Path, open_benchmark: Callable[[str, Path], Any]) -> list[PlannedSet]:
     planned = []
     for key, task in datacomp_tasks().items():
-        if key in _DATACOMP_RETRIEVAL:
-            name = _DATACOMP_RETRIEVAL[key]
-            directory = f"wds_{name}"
-        else:  # DataComp's download script names the directories so (fairness/ dropped)
-            short = key.removeprefix("fairness/")
-            name = _DATACOMP_NAMES.get(short, short.rsplit("/", 1)[-1])
-            directory = f"wds_{short.replace('/', '-')}_test"
+        name, directory = _datacomp_set(key)
         metric = _DATACOMP_METRICS.get(task["main_metric"])
         path = root / directory
         if metric is None:
@@ -121,6 +123,17 @@ def _plan_datacomp(root: Path, open_benchmark: Callable[[str, Path], Any]) -> li
         else:
             planned.append(PlannedSet(name, str(path), functools.partial(open_benchmark, name, path), "", metric))
     return planned
+
+
+def _datacomp_groups() -> dict[str, list[str]]:
+    """DataComp's reported averages: the set names in each (its paper's table: ImageNet dist. shifts,
+    VTAB, retrieval, and the average over all 38 tasks)."""
+    tasks = datacomp_tasks()
+    names = {key: _datacomp_set(key)[0] for key in tasks}
+    tagged = {tag: [names[k] for k, t in tasks.items() if any(x.startswith(tag) for x in t.get("tags", []))]
+              for tag in ("vtab", "retrieval")}  # fmt: skip
+    shifts = ["imagenet-sketch", "imagenet-v2", "imagenet-a", "imagenet-o", "imagenet-r", "objectnet"]
+    return {"imagenet_dist_shifts": shifts, **tagged, "average": list(names.values())}
 
 
 def run_sets(
@@ -171,8 +184,13 @@ def summarise(suite: str, sets: dict[str, dict[str, Any]]) -> dict[str, dict[str
             if "imagenet1k" in main:
                 summary["shift_mean_minus_imagenet"] = summary["shift_mean"] - main["imagenet1k"]
         return {"imagenet-shifts": summary}
+    if suite == "datacomp":  # each group's mean over its tasks evaluated, and how many of how many
+        summaries = {}
+        for group, members in _datacomp_groups().items():
+            values = [main[name] for name in members if name in main]
+            if values:
+                summaries[f"datacomp-{group}"] = {"mean": sum(values) / len(values), "num_sets": len(values),
+                                                  "num_tasks": len(members)}  # fmt: skip
+        return summaries
     values = list(main.values())
-    summary = {"mean": sum(values) / len(values), "num_sets": len(values)}
-    if suite == "datacomp":
-        summary["num_tasks"] = len(datacomp_tasks())
-    return {suite: summary}
+    return {suite: {"mean": sum(values) / len(values), "num_sets": len(values)}}

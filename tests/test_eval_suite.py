@@ -12,7 +12,7 @@ from sklearn.metrics import balanced_accuracy_score
 import clip
 import clip.benchmarks
 from clip.eval_results import ResultsDirectory, _metric_from_predictions, compare, paired_bootstrap
-from clip.eval_suite import datacomp_tasks, plan_suite
+from clip.eval_suite import datacomp_tasks, plan_suite, summarise
 from clip.transforms import image_transform_eval
 from tests.benchmark_fixtures import write_colour_image
 from tests.eval_fixtures import one_thread, tiny_model, zero_shot_script  # noqa: F401
@@ -74,6 +74,14 @@ def test_datacomp_suite_finds_its_downloads_and_names_what_it_cannot_compute(tmp
     assert planned["imagenet-sketch"].reason == f"not found under {tmp_path} (looked for wds_imagenet_sketch_test/)"
     assert "F1-macro_all is not computed here" in planned["iwildcam"].reason
     assert planned["mscoco_captions"].reason.endswith("(looked for wds_mscoco_captions/)")
+    # DataComp's averages: each over the tasks evaluated, saying how many of how many
+    entry = {"main_metric": "top1", "metrics": {"top1": 0.5}}
+    sets = {"imagenet1k": entry, "imagenet-r": {**entry, "metrics": {"top1": 0.2}}, "pets": entry}
+    summaries = summarise("datacomp", sets)
+    assert summaries["datacomp-imagenet_dist_shifts"] == {"mean": 0.2, "num_sets": 1, "num_tasks": 6}
+    assert summaries["datacomp-vtab"] == {"mean": 0.5, "num_sets": 1, "num_tasks": 13}
+    assert summaries["datacomp-average"] == {"mean": pytest.approx(1.2 / 3), "num_sets": 3, "num_tasks": 38}
+    assert "datacomp-retrieval" not in summaries
 
 
 def _results(directory, top1: np.ndarray, target: np.ndarray, fingerprint: str = "f") -> None:
