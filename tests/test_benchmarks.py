@@ -11,6 +11,7 @@ import pytest
 
 from clip.benchmarks import BENCHMARKS, load_benchmark
 from clip.data.eval_assets import get_classnames, get_imagenet_subset, get_imagenet_wnids, get_templates
+from clip.data.eval_datasets import load_classification_set
 from clip.transforms import image_transform_eval
 from clip.zero_shot import evaluate_zero_shot
 from tests.benchmark_fixtures import OracleCLIP, colour_png, write_colour_image
@@ -71,6 +72,9 @@ def test_imagenet_v2_numeric_folders_are_labelled_by_their_number(tmp_path):
     assert _score(_imagenet_oracle(), eval_set) | {"top5": None} == {
         "top1": 1.0, "top5": None, "mean_per_class_recall": 1.0, "num_samples": 8
     }  # fmt: skip
+    # Read as a plain folder, the numeric folders are refused (with the way to read them), not mislabelled.
+    with pytest.raises(ValueError, match="read it with --benchmark imagenet-v2"):
+        load_classification_set(tmp_path / "imagenetv2-matched-frequency-format-val", TRANSFORM)
     (tmp_path / "imagenetv2-matched-frequency-format-val" / "n01440764").mkdir()
     with pytest.raises(ValueError, match="folders that are not class numbers 0-999, e.g. \\['n01440764'\\]"):
         load_benchmark("imagenet-v2", tmp_path / "imagenetv2-matched-frequency-format-val", TRANSFORM)

@@ -256,6 +256,8 @@ def load_classification_set(
     if directories and set(directories) <= set(get_imagenet_wnids()):
         return _imagenet_folder(root, transform, name or name_from_path(root))
     hint = " (an ImageNet root? pass its val/ directory)" if "val" in directories else ""
+    if directories and all(d.isdigit() for d in directories):
+        hint = " (ImageNet-V2's numeric class folders? read it with --benchmark imagenet-v2)"
     raise ValueError(
         f"cannot tell the format of eval data {root}{hint}: expected class directories with a "
         f"{CLASSNAMES_FILE}, ImageNet WordNet-id directories, CIFAR's python files or .tar shards"
