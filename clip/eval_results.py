@@ -71,6 +71,8 @@ class ResultsDirectory:
     def __init__(self, directory: str | Path, header: dict[str, Any]):
         self.directory = Path(directory)
         (self.directory / PREDICTIONS_DIR).mkdir(parents=True, exist_ok=True)
+        for stale in (self.directory / PREDICTIONS_DIR).glob("*.npz"):  # an earlier evaluation's: not this one's
+            stale.unlink()
         self.payload: dict[str, Any] = {**header, "sets": {}, "summaries": {}, "skipped": {}, "failed": {}}
         self._write()
 
