@@ -239,9 +239,7 @@ def test_tar_images_are_decoded_as_jpeg_png_or_webp_only(tmp_path, caplog):
     assert "sample '000001' is unreadable (UnidentifiedImageError: cannot identify image file" in caplog.text
 
 
-@pytest.mark.parametrize(
-    "cut", ["inside_a_member", "at_a_member_boundary", "before_a_label", "inside_the_end_marker"]
-)
+@pytest.mark.parametrize("cut", ["inside_a_member", "at_a_member_boundary", "before_a_label", "inside_the_end_marker"])
 def test_truncated_shard_is_an_error_naming_it(tmp_path, caplog, cut):
     shard = write_tar(tmp_path / "cut.tar", classification_members(np.random.default_rng(0), [0, 1, 2]))
     with tarfile.open(shard) as tar:

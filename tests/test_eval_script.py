@@ -52,8 +52,19 @@ def test_zero_shot_on_a_run_directory(tmp_path, script, loaded, capsys):
     write_image_folder(tmp_path / "heldout", num_classes=6, per_class=2, templates=["a {} photo."])
     write_image_folder(tmp_path / "other", num_classes=5, per_class=1, seed=1)
     output = tmp_path / "results"
-    results = script.main(["--model", str(tmp_path / "runs" / "smoke"), "--data", str(tmp_path / "heldout"),
-                           str(tmp_path / "other"), "--workers", "0", "--output", str(output)])
+    results = script.main(
+        [
+            "--model",
+            str(tmp_path / "runs" / "smoke"),
+            "--data",
+            str(tmp_path / "heldout"),
+            str(tmp_path / "other"),
+            "--workers",
+            "0",
+            "--output",
+            str(output),
+        ]
+    )
 
     assert calls == [str(tmp_path / "runs" / "smoke" / "model.safetensors")]
     written = json.loads((output / "results.json").read_text())
@@ -63,7 +74,13 @@ def test_zero_shot_on_a_run_directory(tmp_path, script, loaded, capsys):
     heldout = written["sets"]["heldout"]
     assert heldout["templates"] == ["a {} photo."] and heldout["main_metric"] == "top1"
     assert heldout["fingerprint"]["num_samples"] == 12 and heldout["fingerprint"]["num_classes"] == 6
-    assert {p.name for p in output.iterdir()} == {"results.json", "results.csv", "results.md", "results.png", "predictions"}
+    assert {p.name for p in output.iterdir()} == {
+        "results.json",
+        "results.csv",
+        "results.md",
+        "results.png",
+        "predictions",
+    }
     assert "| heldout | top1 |" in (output / "results.md").read_text() and "fp32" in (output / "results.md").read_text()
     # The script's numbers are the library's (the trainer's eval hook) on the same set, with the
     # reference tokenizer.
@@ -85,15 +102,42 @@ def test_a_run_directory_without_its_export_is_a_clear_error(tmp_path, script, l
 
 def test_retrieval_and_linear_probe_tasks(tmp_path, script, loaded):
     captions = write_caption_set(tmp_path / "coco", num_images=6)
-    results = script.main(["--task", "retrieval", "--model", "tiny-vit", "--data", str(captions), "--name", "coco",
-                           "--workers", "0", "--output", str(tmp_path / "r.json")])
+    results = script.main(
+        [
+            "--task",
+            "retrieval",
+            "--model",
+            "tiny-vit",
+            "--data",
+            str(captions),
+            "--name",
+            "coco",
+            "--workers",
+            "0",
+            "--output",
+            str(tmp_path / "r.json"),
+        ]
+    )
     assert results["coco"]["num_images"] == 6 and "text_retrieval_recall@10" in results["coco"]
 
     write_image_folder(tmp_path / "pets" / "train", num_classes=3, per_class=4)
     write_image_folder(tmp_path / "pets" / "test", num_classes=3, per_class=2, seed=1)
-    results = script.main(["--task", "linear-probe", "--model", "tiny-vit", "--data", str(tmp_path / "pets" / "test"),
-                           "--train-data", str(tmp_path / "pets" / "train"), "--workers", "0",
-                           "--output", str(tmp_path / "l")])
+    results = script.main(
+        [
+            "--task",
+            "linear-probe",
+            "--model",
+            "tiny-vit",
+            "--data",
+            str(tmp_path / "pets" / "test"),
+            "--train-data",
+            str(tmp_path / "pets" / "train"),
+            "--workers",
+            "0",
+            "--output",
+            str(tmp_path / "l"),
+        ]
+    )
     # a split directory is named by its parent
     assert results["pets"]["linear_probe_num_samples"] == 6 and "linear_probe_l2" in results["pets"]
 
@@ -110,8 +154,19 @@ def test_a_wrong_data_path_fails_before_any_set_is_evaluated(tmp_path, script, l
     monkeypatch.setattr(script, "evaluate_zero_shot", lambda *args, **kwargs: evaluated.append(args) or {})
     write_image_folder(tmp_path / "heldout", num_classes=3, per_class=1)
     with pytest.raises(SystemExit) as exit_info:
-        script.main(["--model", "tiny-vit", "--data", str(tmp_path / "heldout"), str(tmp_path / "imagenett"),
-                     "--workers", "0", "--output", str(tmp_path / "r.json")])
+        script.main(
+            [
+                "--model",
+                "tiny-vit",
+                "--data",
+                str(tmp_path / "heldout"),
+                str(tmp_path / "imagenett"),
+                "--workers",
+                "0",
+                "--output",
+                str(tmp_path / "r.json"),
+            ]
+        )
     message = str(exit_info.value.code)
     assert message.startswith(f"error: --data {tmp_path / 'imagenett'}: ") and "is not a directory" in message
     assert evaluated == [] and not (tmp_path / "r.json").exists()
@@ -125,20 +180,53 @@ def test_two_sets_with_one_name_are_refused_before_any_work(tmp_path, script, lo
     for root in ("imagenet/val", "imagenet-sketch/sketch"):
         (tmp_path / root / "n01440764").mkdir(parents=True)
         (tmp_path / root / "n01440764" / "1.JPEG").write_bytes(image_bytes(rng, "JPEG"))
-    both = script.main(["--model", "tiny-vit", "--data", str(tmp_path / "imagenet" / "val"),
-                        str(tmp_path / "imagenet-sketch" / "sketch"), "--workers", "0", "--output", str(tmp_path / "r")])
+    both = script.main(
+        [
+            "--model",
+            "tiny-vit",
+            "--data",
+            str(tmp_path / "imagenet" / "val"),
+            str(tmp_path / "imagenet-sketch" / "sketch"),
+            "--workers",
+            "0",
+            "--output",
+            str(tmp_path / "r"),
+        ]
+    )
     assert set(both) == {"imagenet", "sketch"} and len(evaluated) == 2
     evaluated.clear()
     # the same directory name twice, and the fix: name=path
     for root in ("x/heldout", "y/heldout"):
         write_image_folder(tmp_path / root, num_classes=2, per_class=1)
     with pytest.raises(SystemExit) as exit_info:
-        script.main(["--model", "tiny-vit", "--data", str(tmp_path / "x" / "heldout"), str(tmp_path / "y" / "heldout"),
-                     "--workers", "0", "--output", str(tmp_path / "r2")])
+        script.main(
+            [
+                "--model",
+                "tiny-vit",
+                "--data",
+                str(tmp_path / "x" / "heldout"),
+                str(tmp_path / "y" / "heldout"),
+                "--workers",
+                "0",
+                "--output",
+                str(tmp_path / "r2"),
+            ]
+        )
     assert "two eval sets are named 'heldout'" in str(exit_info.value.code) and "name=path" in str(exit_info.value.code)
     assert evaluated == [] and not (tmp_path / "r2").exists()
-    results = script.main(["--model", "tiny-vit", "--data", f"one={tmp_path / 'x' / 'heldout'}",
-                           f"two={tmp_path / 'y' / 'heldout'}", "--workers", "0", "--output", str(tmp_path / "r2")])
+    results = script.main(
+        [
+            "--model",
+            "tiny-vit",
+            "--data",
+            f"one={tmp_path / 'x' / 'heldout'}",
+            f"two={tmp_path / 'y' / 'heldout'}",
+            "--workers",
+            "0",
+            "--output",
+            str(tmp_path / "r2"),
+        ]
+    )
     assert set(results) == {"one", "two"}
 
 
@@ -152,8 +240,20 @@ def test_a_failing_set_leaves_the_others_results_written(tmp_path, script, loade
     (tmp_path / "third" / "classnames.txt").write_text("a\nb\nc\n")
     output = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
-        script.main(["--model", "tiny-vit", "--data", str(tmp_path / "first"), str(tmp_path / "third"),
-                     str(tmp_path / "second"), "--workers", "0", "--output", str(output)])
+        script.main(
+            [
+                "--model",
+                "tiny-vit",
+                "--data",
+                str(tmp_path / "first"),
+                str(tmp_path / "third"),
+                str(tmp_path / "second"),
+                "--workers",
+                "0",
+                "--output",
+                str(output),
+            ]
+        )
     assert "1 set(s) failed (third)" in str(exit_info.value.code)
     written = json.loads((output / "results.json").read_text())
     assert set(written["sets"]) == {"first", "second"} and written["sets"]["second"]["metrics"]["num_samples"] == 3
@@ -164,16 +264,40 @@ def test_a_failing_set_leaves_the_others_results_written(tmp_path, script, loade
 def test_a_linear_probe_without_a_train_split_names_it(tmp_path, script, loaded):
     write_image_folder(tmp_path / "test", num_classes=3, per_class=1)
     with pytest.raises(SystemExit) as exit_info:
-        script.main(["--task", "linear-probe", "--model", "tiny-vit", "--data", str(tmp_path / "test"),
-                     "--train-data", str(tmp_path / "train"), "--workers", "0", "--output", str(tmp_path / "r.json")])
+        script.main(
+            [
+                "--task",
+                "linear-probe",
+                "--model",
+                "tiny-vit",
+                "--data",
+                str(tmp_path / "test"),
+                "--train-data",
+                str(tmp_path / "train"),
+                "--workers",
+                "0",
+                "--output",
+                str(tmp_path / "r.json"),
+            ]
+        )
     assert str(exit_info.value.code).startswith(f"error: --train-data {tmp_path / 'train'} (split 'train'): ")
 
 
 def test_a_directory_that_is_no_checkpoint_is_a_clear_error(tmp_path, script):
     (tmp_path / "not-a-run").mkdir()
     with pytest.raises(SystemExit) as exit_info:
-        script.main(["--model", str(tmp_path / "not-a-run"), "--data", str(tmp_path), "--device", "cpu",
-                     "--output", str(tmp_path / "r.json")])
+        script.main(
+            [
+                "--model",
+                str(tmp_path / "not-a-run"),
+                "--data",
+                str(tmp_path),
+                "--device",
+                "cpu",
+                "--output",
+                str(tmp_path / "r.json"),
+            ]
+        )
     assert str(exit_info.value.code).startswith(f"error: --model {tmp_path / 'not-a-run'}: ")
     assert "config.json" in str(exit_info.value.code)
 
@@ -181,8 +305,20 @@ def test_a_directory_that_is_no_checkpoint_is_a_clear_error(tmp_path, script):
 def test_released_weights_are_looked_up_in_download_root(tmp_path, script):
     # Offline (conftest blocks the network), an absent file names the directory it was looked for in.
     with pytest.raises(SystemExit) as exit_info:
-        script.main(["--model", "ViT-B/32", "--download-root", str(tmp_path / "weights"), "--data", str(tmp_path),
-                     "--device", "cpu", "--output", str(tmp_path / "r.json")])
+        script.main(
+            [
+                "--model",
+                "ViT-B/32",
+                "--download-root",
+                str(tmp_path / "weights"),
+                "--data",
+                str(tmp_path),
+                "--device",
+                "cpu",
+                "--output",
+                str(tmp_path / "r.json"),
+            ]
+        )
     message = str(exit_info.value.code)
     assert message.startswith("error: --model ViT-B/32: ")
     assert f"put it at {tmp_path / 'weights' / 'ViT-B-32.pt'}" in message
@@ -196,8 +332,22 @@ def test_a_benchmark_by_name_is_recorded_with_its_metric_and_templates(tmp_path,
     for number in ("3", "10"):
         (tmp_path / "v2" / number).mkdir(parents=True)
         (tmp_path / "v2" / number / "a.jpeg").write_bytes(image_bytes(rng, "JPEG"))
-    results = script.main(["--model", "tiny-vit", "--benchmark", "imagenet-v2", "--data", str(tmp_path / "v2"),
-                           "--workers", "0", "--precision", "bf16", "--output", str(tmp_path / "out")])
+    results = script.main(
+        [
+            "--model",
+            "tiny-vit",
+            "--benchmark",
+            "imagenet-v2",
+            "--data",
+            str(tmp_path / "v2"),
+            "--workers",
+            "0",
+            "--precision",
+            "bf16",
+            "--output",
+            str(tmp_path / "out"),
+        ]
+    )
     written = json.loads((tmp_path / "out" / "results.json").read_text())
     entry = written["sets"]["imagenet-v2"]
     assert results["imagenet-v2"]["num_samples"] == 2 and entry["fingerprint"]["num_classes"] == 1000
