@@ -143,10 +143,10 @@ class ResultsDirectory:
         names = list(sets)
         values = [sets[name]["metrics"].get(sets[name]["main_metric"], float("nan")) for name in names]
         figure, axes = plt.subplots(figsize=(max(4.0, 0.5 * len(names) + 2), 4))
-        axes.bar(range(len(names)), values)
+        axes.bar_label(axes.bar(range(len(names)), values), fmt="%.3f", fontsize=8)
         axes.set_xticks(range(len(names)), names, rotation=60, ha="right")
-        axes.set_ylim(0, 1)
-        axes.set_ylabel("main metric (top1, or as the benchmark reports)")
+        axes.set_ylim(0, 1.05)
+        axes.set_ylabel("main metric of each set")
         axes.set_title(f"{Path(self.payload['model']).name} ({self.payload['precision']})")
         figure.tight_layout()
         buffer = io.BytesIO()
