@@ -123,14 +123,29 @@ def _objectnet(root: Path, transform: Transform) -> ClassificationSet:
 
 
 _IMAGENET_FAMILY = [
-    Benchmark("imagenet1k", 1000, directories=("imagenet/val", "imagenet1k/val", "wds_imagenet1k"), read_release=_imagenet("imagenet1k")),
-    Benchmark("imagenet-v2", 1000, directories=("imagenetv2-matched-frequency-format-val", "imagenet-v2", "wds_imagenetv2"), read_release=_imagenet_v2),
-    Benchmark("imagenet-sketch", 1000, directories=("sketch", "imagenet-sketch", "wds_imagenet_sketch"), read_release=_imagenet("imagenet-sketch")),
+    Benchmark(
+        "imagenet1k",
+        1000,
+        directories=("imagenet/val", "imagenet1k/val", "wds_imagenet1k"),
+        read_release=_imagenet("imagenet1k"),
+    ),
+    Benchmark(
+        "imagenet-v2",
+        1000,
+        directories=("imagenetv2-matched-frequency-format-val", "imagenet-v2", "wds_imagenetv2"),
+        read_release=_imagenet_v2,
+    ),
+    Benchmark(
+        "imagenet-sketch",
+        1000,
+        directories=("sketch", "imagenet-sketch", "wds_imagenet_sketch"),
+        read_release=_imagenet("imagenet-sketch"),
+    ),
     Benchmark("imagenet-r", 200, directories=("imagenet-r", "wds_imagenet-r"), read_release=_imagenet("imagenet-r")),
     Benchmark("imagenet-a", 200, directories=("imagenet-a", "wds_imagenet-a"), read_release=_imagenet("imagenet-a")),
     Benchmark("imagenet-o", 200, directories=("imagenet-o", "wds_imagenet-o"), read_release=_imagenet("imagenet-o")),
     Benchmark("objectnet", 113, directories=("objectnet-1.0", "objectnet", "wds_objectnet"), read_release=_objectnet),
-]  # fmt: skip
+]
 _CIFAR = [Benchmark(name, None, directories=(name, f"wds_{name}")) for name in ("cifar10", "cifar100")]
 _MAIN_METRICS = {name: "mean_per_class_recall" for name in _MEAN_PER_CLASS} | {
     "voc2007_multilabel": "mean_average_precision_11point"  # the CLIP paper's VOC2007 metric
@@ -140,8 +155,9 @@ _CLIP_PAPER = [
     for name in CLIP_PAPER_SECTIONS
 ]  # (CLIP_benchmark's Hugging Face exports of the VTAB datasets are wds_vtab-<name>)
 _RETRIEVAL = [
-    Benchmark(name, None, "image_retrieval_recall@5", (name, f"wds_{name}")) for name in ("mscoco_captions", "flickr30k", "flickr8k")
-]  # fmt: skip
+    Benchmark(name, None, "image_retrieval_recall@5", (name, f"wds_{name}"))
+    for name in ("mscoco_captions", "flickr30k", "flickr8k")
+]
 BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in [*_IMAGENET_FAMILY, *_CIFAR, *_CLIP_PAPER, *_RETRIEVAL]}
 
 

@@ -1,7 +1,8 @@
 """WebDataset eval shards, read with the training pipeline's tar reader (`clip.data.tar_reader`), not
-webdataset: only image, `cls`, `npy` (without pickles) and `txt` members of regular files under a size cap are read, nothing is
-unpickled, unsafe members are skipped, images are decoded by `clip.data.decode`, and a shard without its
-end-of-archive marker is an error (a cut at a member boundary is otherwise silent)."""
+webdataset: only image, `cls`, `npy` (without pickles) and `txt` members of regular files under a
+size cap are read, nothing is unpickled, unsafe members are skipped, images are decoded by
+`clip.data.decode`, and a shard without its end-of-archive marker is an error (a cut at a member
+boundary is otherwise silent)."""
 
 from __future__ import annotations
 
@@ -59,8 +60,9 @@ def expand_shards(spec: str | Sequence[str]) -> list[str]:
 
 class TarEvalDataset(IterableDataset):
     """Samples of WebDataset eval shards: an image (`jpg/jpeg/png/webp`) and a `cls` label, an `npy`
-    multilabel row (0/1 per class, read with `allow_pickle=False`) or `txt` captions (one per line). Only regular members no larger than `max_member_bytes` are read;
-    every other member is skipped with a warning and nothing is unpickled or written to disk.
+    multilabel row (0/1 per class, read with `allow_pickle=False`) or `txt` captions (one per line).
+    Only regular members no larger than `max_member_bytes` are read; every other member is skipped
+    with a warning and nothing is unpickled or written to disk.
 
     Each DataLoader worker reads its own subset of the shards; `for_rank` gives a rank its share
     (the evaluations in `clip.zero_shot` call it).
