@@ -323,7 +323,7 @@ class EvalConfig:
     """Periodic zero-shot evaluation on ImageFolder-style sets (all ranks take part)."""
 
     every_steps: int = 0  # 0: only at the end (when `zero_shot` names sets)
-    zero_shot: list[str] = field(default_factory=list)  # dataset directories; metric `eval/<dir name>_top1`
+    zero_shot: list[str] = field(default_factory=list)  # `path` or `name=path`; metric `eval/<name>_top1`
     batch_size: int = 64
 
 

@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
-from clip.data.eval_datasets import CifarDataset, TarEvalDataset
+from clip.data import eval_cifar, eval_shards
 from clip.zero_shot import (
     _autocast,
     _batches_in_lockstep,
@@ -128,9 +128,9 @@ def _image_sources(dataset: Dataset) -> set[str] | None:
         return _image_sources(inner)
     if hasattr(dataset, "samples"):  # torchvision's ImageFolder / DatasetFolder
         return {str(Path(path).resolve()) for path, _ in dataset.samples}
-    if isinstance(dataset, TarEvalDataset):
+    if isinstance(dataset, eval_shards.TarEvalDataset):
         return {str(Path(shard).resolve()) for shard in dataset.shards}
-    if isinstance(dataset, CifarDataset):  # a split is one array; its hash names it
+    if isinstance(dataset, eval_cifar.CifarDataset):  # a split is one array; its hash names it
         return {f"{dataset.layout.name} split {hashlib.sha256(dataset.images.tobytes()).hexdigest()[:16]}"}
     return None
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from clip.config import ConfigError, TrainConfig
-from clip.data.eval_datasets import load_classification_set
+from clip.data.eval_datasets import check_unique_names, load_classification_set, split_named_path
 from clip.logger import MetricsLogger
 from clip.models import CLIP
 from clip.parallelize import apply_tower_lock
@@ -20,19 +20,34 @@ from clip.zero_shot import evaluate
 
 
 def load_eval_sets(paths: list[str], image_size: int) -> list:
-    """The `eval.zero_shot` sets, opened before the run has side effects: a wrong path or an
-    unreadable format is a config error naming the key, not a traceback after the run directory exists."""
+    """The `eval.zero_shot` sets (`path` or `name=path`), opened before the run has side effects: a
+    wrong path, an unreadable format or two sets with one name is a config error naming the key, not a
+    traceback (or one metric silently overwriting another) after the run directory exists."""
     eval_transform = image_transform_eval(image_size)
     try:
-        return [load_classification_set(path, eval_transform) for path in paths]
+        eval_sets = []
+        for spec in paths:
+            name, path = split_named_path(spec)
+            eval_sets.append(load_classification_set(path, eval_transform, name=name))
+        check_unique_names(eval_sets)
     except (FileNotFoundError, ValueError) as error:
         raise ConfigError(f"eval.zero_shot: {error}") from None
+    return eval_sets
 
 
 class TrainEvaluator:
     """Zero-shot metrics of every `eval.zero_shot` set, logged (all ranks take part; clip.zero_shot)."""
 
-    def __init__(self, cfg: TrainConfig, eval_sets: list, module: nn.Module, model: CLIP, tokenize, device, metrics_logger: MetricsLogger):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        eval_sets: list,
+        module: nn.Module,
+        model: CLIP,
+        tokenize,
+        device,
+        metrics_logger: MetricsLogger,
+    ):
         self.cfg, self.eval_sets, self.module, self.model, self.tokenize = cfg, eval_sets, module, model, tokenize
         self.device, self.metrics_logger = device, metrics_logger
         self.metrics: dict[str, float] = {}  # the last evaluation's

@@ -24,7 +24,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from tqdm import tqdm
 
-from clip.data.eval_datasets import ClassificationSet, RetrievalSet, TarEvalDataset, collate_eval_batch
+from clip.data.eval_datasets import ClassificationSet, RetrievalSet
+from clip.data.eval_shards import TarEvalDataset, collate_eval_batch
 from clip.models.clip import CLIP
 from clip.models.text_packing import pack_text
 
@@ -183,6 +184,7 @@ def build_zero_shot_classifier(
     device: torch.device | str | None = None,
     autocast_dtype: torch.dtype | None = None,
     prompts_per_call: int = 1024,
+    progress: bool = False,
 ) -> torch.Tensor:
     """Class weights [E, C]: per class, the mean of its prompts' L2-normalised text embeddings,
     renormalised (prompt ensembling, Radford et al. 2021, arXiv:2103.00020 §3.1.4).
@@ -203,7 +205,8 @@ def build_zero_shot_classifier(
     classes_per_call = max(1, prompts_per_call // len(templates))
     rows = []
     with _eval_mode(model), _autocast(device, autocast_dtype):
-        for start in range(0, per_rank, classes_per_call):
+        starts = range(0, per_rank, classes_per_call)
+        for start in tqdm(starts, desc="classifier", unit="call", disable=not progress or rank != 0):
             block = [classnames[index] for index in indices[start : start + classes_per_call]]
             prompts = [format_prompt(template, classname) for classname in block for template in templates]
             embeddings = _encode_text(model, tokenize(prompts), device)  # [classes x templates, E]
@@ -257,17 +260,19 @@ def evaluate_zero_shot(
     autocast_dtype: torch.dtype | None = None,
     progress: bool = False,
     classifier: torch.Tensor | None = None,
+    predictions: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Zero-shot accuracy of `model` on `dataset` of (image, class index).
 
     Call it on every rank (or in a single process). Returns `eval/<name>_top1`, `_top5`,
     `_mean_per_class_recall`, `_num_samples`, the same on every rank. `classifier` [E, C] skips
-    the text encoding (e.g. from a previous call with the same text tower).
+    the text encoding (e.g. from a previous call with the same text tower). A `predictions` dict
+    receives the per-sample `top1` class and `target` (CPU, dataset order), e.g. for paired comparisons.
     """
     device = _device_of(model, device)
     if classifier is None:
         classifier = build_zero_shot_classifier(
-            model, tokenize, classnames, templates, device=device, autocast_dtype=autocast_dtype
+            model, tokenize, classnames, templates, device=device, autocast_dtype=autocast_dtype, progress=progress
         )
     k = min(max(TOPK), len(classnames))
     tops, labels, keys = [], [], []
@@ -287,6 +292,8 @@ def evaluate_zero_shot(
             keys.append(batch_keys)
     empty = torch.zeros(0, dtype=torch.long, device=device)
     _, top, target = _gather_in_order(_cat(keys, empty), _cat(tops, empty.view(0, k)), _cat(labels, empty))
+    if predictions is not None:
+        predictions.update(top1=top[:, 0].cpu(), target=target.cpu())
     try:
         metrics = _topk_metrics(top, target, len(classnames))
     except ValueError as error:  # which set: the trainer and the script evaluate several

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from clip.config import PRECISIONS
-from clip.data.eval_datasets import get_classnames, get_templates
+from clip.data.eval_assets import get_classnames, get_templates
 from clip.models import CLIP, get_model_config
 from clip.precision import autocast_dtype
 from clip.tokenizer import tokenize

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import tarfile
@@ -17,7 +18,24 @@ from tests.data_shards import add_member
 
 IMAGE_SIZE = 40  # larger than tiny-vit's 32 so the eval transform really resizes and crops
 
-WORDS = "red green blue dog cat bird car boat tree house small large bright dark old new".split()
+WORDS = [
+    "red",
+    "green",
+    "blue",
+    "dog",
+    "cat",
+    "bird",
+    "car",
+    "boat",
+    "tree",
+    "house",
+    "small",
+    "large",
+    "bright",
+    "dark",
+    "old",
+    "new",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -28,6 +46,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def zero_shot_script():
+    """scripts/zero_shot.py as a fresh module (scripts/ is not a package)."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / "zero_shot.py"
+    spec = importlib.util.spec_from_file_location("zero_shot_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_model() -> CLIP:
@@ -73,8 +100,14 @@ def write_caption_set(root: Path, num_images: int = 12, *, seed: int = 0, karpat
         (root / "images" / filename).write_bytes(image_bytes(rng, "JPEG"))
         captions = random_captions(rng, int(rng.integers(1, 5)))
         if karpathy:
-            entries.append({"filepath": "images", "filename": filename, "split": "test",
-                            "sentences": [{"raw": caption} for caption in captions]})
+            entries.append(
+                {
+                    "filepath": "images",
+                    "filename": filename,
+                    "split": "test",
+                    "sentences": [{"raw": caption} for caption in captions],
+                }
+            )
         else:
             entries.append({"image": f"images/{filename}", "caption": captions})
     if karpathy:  # a train image that the test split must leave out

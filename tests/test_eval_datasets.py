@@ -16,18 +16,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from clip.data.eval_datasets import (
-    CifarDataset,
-    TarEvalDataset,
-    collate_eval_batch,
-    expand_shards,
-    get_classnames,
-    get_imagenet_wnids,
-    get_templates,
-    load_classification_set,
-    load_retrieval_set,
-    read_caption_file,
-)
+from clip.data.eval_assets import get_classnames, get_imagenet_wnids, get_templates
+from clip.data.eval_cifar import CifarDataset
+from clip.data.eval_datasets import load_classification_set, load_retrieval_set, read_caption_file
+from clip.data.eval_shards import TarEvalDataset, collate_eval_batch, expand_shards
 from clip.transforms import image_transform_eval
 from clip.zero_shot import evaluate_zero_shot
 from tests.data_shards import add_member
@@ -78,7 +70,7 @@ def test_shipped_cifar_lists_equal_clip_benchmark():
     raw = [name.replace(" ", "_") for name in cifar100]
     assert len(set(raw)) == 100 and raw == sorted(raw) and "aquarium fish" in cifar100
     with pytest.raises(KeyError, match="known"):
-        get_classnames("mnist")
+        get_classnames("imagenet-21k")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,7 +100,8 @@ def test_imagenet_folder_maps_wordnet_ids_to_openai_names(tmp_path):
         (tmp_path / "val" / wnid).mkdir(parents=True)
         (tmp_path / "val" / wnid / "ILSVRC2012_val_1.JPEG").write_bytes(image_bytes(rng, "JPEG"))
     eval_set = load_classification_set(tmp_path / "val", TRANSFORM)
-    assert eval_set.name == "imagenet1k"
+    # named by the path (a split directory by its parent): the class names are also ImageNet-R's, -A's, Sketch's
+    assert eval_set.name == tmp_path.name
     assert eval_set.classnames == ["tench", "goldfish", "toilet paper"]
     assert len(eval_set.templates) == 80
     with pytest.raises(ValueError, match="pass its val/ directory"):
@@ -246,9 +239,7 @@ def test_tar_images_are_decoded_as_jpeg_png_or_webp_only(tmp_path, caplog):
     assert "sample '000001' is unreadable (UnidentifiedImageError: cannot identify image file" in caplog.text
 
 
-@pytest.mark.parametrize(
-    "cut", ["inside_a_member", "at_a_member_boundary", "before_a_label", "inside_the_end_marker"]
-)
+@pytest.mark.parametrize("cut", ["inside_a_member", "at_a_member_boundary", "before_a_label", "inside_the_end_marker"])
 def test_truncated_shard_is_an_error_naming_it(tmp_path, caplog, cut):
     shard = write_tar(tmp_path / "cut.tar", classification_members(np.random.default_rng(0), [0, 1, 2]))
     with tarfile.open(shard) as tar:

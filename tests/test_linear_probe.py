@@ -140,7 +140,7 @@ def test_the_script_runs_few_shot_probes_over_seeds(tmp_path, script):
     results = script.main(["--task", "linear-probe", "--fewshot-k", "2", "--seeds", "2", "--model", "tiny-vit",
                            "--data", str(tmp_path / "test"), "--train-data", str(tmp_path / "train"),
                            "--probe-features", "projected", "--workers", "0", "--output", str(tmp_path / "r.json")])
-    metrics = results["test"]
+    metrics = results[tmp_path.name]  # test/ is a split directory: the set is named by its parent
     assert metrics["fewshot2_k"] == 2 and metrics["fewshot2_num_seeds"] == 2 and metrics["fewshot2_num_samples"] == 6
     assert metrics["fewshot2_top1_min"] <= metrics["fewshot2_top1"] <= metrics["fewshot2_top1_max"]
     assert "fewshot2_top1_std" in metrics

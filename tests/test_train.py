@@ -302,6 +302,22 @@ def test_a_missing_zero_shot_set_is_a_config_error_before_the_run_directory(tmp_
     assert not (tmp_path / "run").exists()
 
 
+def test_two_zero_shot_sets_with_one_name_are_a_config_error_before_the_run_directory(tmp_path):
+    # Both would log eval/heldout_top1: the second would silently overwrite the first.
+    from tests.eval_fixtures import write_image_folder
+
+    for root in ("a", "b"):
+        write_image_folder(tmp_path / root / "heldout", num_classes=2, per_class=1)
+    sets = f"[{tmp_path / 'a' / 'heldout'},{tmp_path / 'b' / 'heldout'}]"
+    with pytest.raises(ConfigError, match=r"eval.zero_shot: two eval sets are named 'heldout' .* name them, as name=path"):
+        train(tiny_train_config(tmp_path / "run", f"eval.zero_shot={sets}"))
+    assert not (tmp_path / "run").exists()
+    named = f"['a={tmp_path / 'a' / 'heldout'}','b={tmp_path / 'b' / 'heldout'}']"
+    train(tiny_train_config(tmp_path / "run", "max_steps=1", f"eval.zero_shot={named}"))
+    final = read_metrics(tmp_path / "run")[-1]
+    assert final["eval/a_num_samples"] == final["eval/b_num_samples"] == 2
+
+
 @pytest.mark.parametrize(
     "override, message",
     [

@@ -43,12 +43,12 @@ def test_a_short_smoke_run_learns_and_its_export_evaluates_to_the_logged_accurac
     assert trained.stdout.splitlines()[-1] == f"final zero-shot top-1 on zeroshot: {top1:.3f} (chance 0.083, 12 classes)"
 
     # The smoke recipe trains in fp32, the script's default precision.
-    output = tmp_path / "eval.json"
+    output = tmp_path / "eval"
     run_script("zero_shot.py", "--model", str(run_dir), "--data", data.zeroshot_dir, "--output", str(output))
-    evaluated = json.loads(output.read_text())
+    evaluated = json.loads((output / "results.json").read_text())
     assert evaluated["loaded"] == str(run_dir / "model.safetensors")
     logged_metrics = {key.removeprefix("eval/zeroshot_"): value for key, value in final.items() if key.startswith("eval/")}
-    assert evaluated["results"]["zeroshot"] == logged_metrics
+    assert evaluated["sets"]["zeroshot"]["metrics"] == logged_metrics
 
 
 def test_the_smoke_data_is_written_once(tmp_path, monkeypatch):

@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from clip.data.eval_datasets import collate_eval_batch, load_classification_set, load_retrieval_set
+from clip.data.eval_datasets import load_classification_set, load_retrieval_set
+from clip.data.eval_shards import collate_eval_batch
 from clip.models.text_packing import PackedText
 from clip.transforms import image_transform_eval
 from clip.zero_shot import (

@@ -3,8 +3,8 @@
     from clip.data import build_train_loader, check_train_data
 
 Training: WebDataset shards (local or remote) and CSV files -> batches with exact, resumable positions
-(docs/data.md).
-Eval datasets live in `clip.data.eval_datasets`; the synthetic shard writer in `clip.data.synthetic`.
+(docs/data.md). Eval datasets live in `clip.data.eval_datasets` (shards: `eval_shards`, CIFAR:
+`eval_cifar`, shipped lists: `eval_assets`); the synthetic shard writer in `clip.data.synthetic`.
 """
 
 from clip.config import DataConfig

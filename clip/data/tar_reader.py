@@ -1,7 +1,7 @@
 """A small streaming tar reader that notices truncation and never trusts member names, types or sizes.
 
 The one tar reader of the project: training shards (`iter_tar_samples`), their manifests and the eval
-shards (`clip.data.eval_datasets`, through `iter_member_groups`) all read tars with it.
+shards (`clip.data.eval_shards`, through `iter_member_groups`) all read tars with it.
 
 Why not `tarfile` or webdataset's reader: a streaming tar that is cut at a header boundary simply ends,
 without an error, in both (519 of 1,368 cut points were silent when we measured it), and webdataset reads
