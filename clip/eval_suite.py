@@ -8,8 +8,8 @@ Suites:
 - `clip-paper`: the datasets of the CLIP paper's zero-shot table that have a local layout or a
   CLIP_benchmark export, with their mean.
 - `datacomp`: DataComp's 38 evaluation tasks (its tasklist.yml, shipped as datacomp_tasks.json),
-  read from its WebDataset downloads (`wds_<task>_test/`), with DataComp's averages over the tasks
-  evaluated.
+  read from its WebDataset downloads (`wds_<task>_test/`), with their main metrics (those over
+  per-sample metadata: `clip.group_metrics`) and DataComp's averages over the tasks evaluated.
 """
 
 from __future__ import annotations
@@ -38,9 +38,22 @@ _CLIP_PAPER = (
 )  # fmt: skip
 # DataComp reports fairface and utkface apart from its 38-task average.
 _DATACOMP_EXCLUDED = ("fairness/fairface", "fairness/utkface")
-# DataComp's main metrics that are ours under another name; its others (worst-group accuracies,
-# macro F1, WinoGAViL's Jaccard score) are not computed here: those tasks are skipped, saying so.
+# DataComp's main metrics that are ours under another name.
 _DATACOMP_METRICS = {"acc1": "top1", "mean_per_class_recall": "mean_per_class_recall", "mean_recall@1": "mean_recall@1"}
+# Its metrics over per-sample metadata (clip.group_metrics), by task: its names say the metric, not the group.
+_DATACOMP_TASK_METRICS = {
+    "wilds/iwildcam": "macro_f1",  # F1-macro_all
+    "wilds/fmow": "worst_region_top1",  # acc_worst_region
+    "fairness/geode": "worst_region_top1",  # acc_wg, grouped by region
+    "fairness/dollar_street": "worst_income_group_top5",  # acc_top5_wg, grouped by income
+}
+# DataComp reads WinoGAViL with Hugging Face `datasets` (nlphuji/winogavil), not from a WebDataset export,
+# and each sample is a cue word with 5 to 12 candidate images, not an image with a label or captions.
+_WINOGAVIL = (
+    "not computed here: DataComp has no WebDataset export of it (it loads the Hugging Face dataset "
+    "nlphuji/winogavil with `datasets`), and its samples (a cue word, 5-12 candidate images, the associated "
+    "ones; scored by the Jaccard index of the cue's top images) are neither classification nor retrieval"
+)
 # DataComp's names for our benchmarks.
 _DATACOMP_NAMES = {"imagenet_sketch": "imagenet-sketch", "imagenetv2": "imagenet-v2"}
 # DataComp's two retrieval tasks come from Hugging Face datasets, not WebDataset; CLIP_benchmark exports them.
@@ -113,12 +126,12 @@ def _plan_datacomp(root: Path, open_benchmark: Callable[[str, Path], Any]) -> li
     planned = []
     for key, task in datacomp_tasks().items():
         name, directory = _datacomp_set(key)
-        metric = _DATACOMP_METRICS.get(task["main_metric"])
         path = root / directory
-        if metric is None:
-            reason = f"DataComp's metric {task['main_metric']} is not computed here"
-            planned.append(PlannedSet(name, str(path), None, reason))
-        elif not path.exists():
+        if key == "misc/winogavil":
+            planned.append(PlannedSet(name, "", None, f"DataComp's {task['main_metric']} is {_WINOGAVIL}"))
+            continue
+        metric = _DATACOMP_TASK_METRICS.get(key) or _DATACOMP_METRICS[task["main_metric"]]
+        if not path.exists():
             planned.append(PlannedSet(name, "", None, f"not found under {root} (looked for {directory}/)"))
         else:
             planned.append(PlannedSet(name, str(path), functools.partial(open_benchmark, name, path), "", metric))

@@ -47,6 +47,7 @@ from clip.data.eval_datasets import (
 )
 from clip.eval_results import ResultsDirectory, compare, data_fingerprint, file_sha256
 from clip.eval_suite import PlannedSet, open_named, plan_suite, run_sets, summarise
+from clip.group_metrics import evaluate_metadata_task
 from clip.linear_probe import FEATURES, check_disjoint, evaluate_linear_probe
 from clip.models.weights import CheckpointError
 from clip.multilabel import evaluate_multilabel
@@ -336,6 +337,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             main_metric = eval_set.main_metric
         prefix = f"eval/{eval_set.name}_"
         metrics = {key.removeprefix(prefix): value for key, value in metrics.items()}
+        if getattr(eval_set, "metadata_task", None):  # DataComp's group metrics (clip.group_metrics)
+            metrics.update(evaluate_metadata_task(eval_set.metadata_task, eval_set.dataset, predictions))
         if "image_retrieval_recall@1" in metrics:  # DataComp's retrieval metric
             metrics["mean_recall@1"] = (metrics["image_retrieval_recall@1"] + metrics["text_retrieval_recall@1"]) / 2
         classnames = getattr(eval_set, "classnames", None)
@@ -350,7 +353,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             "fingerprint": fingerprint,
             "templates": getattr(eval_set, "templates", None),
         }
-        results.add_set(eval_set.name, metrics, record, predictions or None)
+        saved = {key: predictions[key] for key in ("top1", "target")} if predictions else None  # what --compare reads
+        results.add_set(eval_set.name, metrics, record, saved)
 
     failed = run_sets(planned, evaluate_one, skip=results.skip, fail=results.fail)
     if args.suite:
