@@ -4,7 +4,7 @@ others; each finished set goes to the results directory at once (`clip.eval_resu
 
 Suites:
 - `imagenet-shifts`: ImageNet-1k and its shifts V2, R, A, Sketch, ObjectNet, with the shifts' mean
-  main metric and its gap to ImageNet's top-1.
+  main metric, its gap to ImageNet's top-1 and, given baseline models, the effective robustness.
 - `clip-paper`: the datasets of the CLIP paper's zero-shot table that have a local layout or a
   CLIP_benchmark export, with their mean.
 - `datacomp`: DataComp's 38 evaluation tasks (its tasklist.yml, shipped as datacomp_tasks.json),
@@ -26,10 +26,10 @@ from typing import Any
 
 from clip.benchmarks import BENCHMARKS, get_benchmark, load_benchmark
 from clip.data.eval_datasets import Transform, load_export
+from clip.robustness import IMAGENET_SHIFTS, Baseline, effective_robustness
 
 log = logging.getLogger(__name__)
 
-IMAGENET_SHIFTS = ("imagenet-v2", "imagenet-r", "imagenet-a", "imagenet-sketch", "objectnet")
 _CLIP_PAPER = (
     "imagenet1k", "cifar10", "cifar100", "food101", "sun397", "cars", "fgvc_aircraft", "dtd", "pets", "caltech101",
     "flowers", "mnist", "stl10", "eurosat", "resisc45", "gtsrb", "kitti_closest_vehicle_distance", "country211",
@@ -180,8 +180,12 @@ def run_sets(
     return failed
 
 
-def summarise(suite: str, sets: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """The suite's averages over the sets it evaluated (each set's main metric), with their counts."""
+def summarise(
+    suite: str, sets: dict[str, dict[str, Any]], baselines: Sequence[Baseline] = (), say: Callable[[str], None] = print
+) -> dict[str, dict[str, float]]:
+    """The suite's averages over the sets it evaluated (each set's main metric), with their counts;
+    for `imagenet-shifts`, the effective robustness relative to `baselines` (`clip.robustness`),
+    or a line saying why it is not computed."""
     main = {
         name: entry["metrics"][entry["main_metric"]]
         for name, entry in sets.items()
@@ -196,7 +200,13 @@ def summarise(suite: str, sets: dict[str, dict[str, Any]]) -> dict[str, dict[str
             summary["shift_mean"] = sum(shifts) / len(shifts)
             if "imagenet1k" in main:
                 summary["shift_mean_minus_imagenet"] = summary["shift_mean"] - main["imagenet1k"]
-        return {"imagenet-shifts": summary}
+        if not baselines:
+            say("effective robustness not computed: it needs baseline models' accuracies (--baseline, docs/eval.md)")
+            return {"imagenet-shifts": summary}
+        robustness, skipped = effective_robustness(main, baselines)
+        for name, reason in skipped.items():
+            say(f"effective robustness on {name} not computed: {reason}")
+        return {"imagenet-shifts": summary, **({"effective-robustness": robustness} if robustness else {})}
     if suite == "datacomp":  # each group's mean over its tasks evaluated, and how many of how many
         summaries = {}
         for group, members in _datacomp_groups().items():
