@@ -47,8 +47,7 @@ _DATACOMP_TASK_METRICS = {
     "fairness/geode": "worst_region_top1",  # acc_wg, grouped by region
     "fairness/dollar_street": "worst_income_group_top5",  # acc_top5_wg, grouped by income
 }
-# DataComp reads WinoGAViL with Hugging Face `datasets` (nlphuji/winogavil), not from a WebDataset export,
-# and each sample is a cue word with 5 to 12 candidate images, not an image with a label or captions.
+# Why WinoGAViL is skipped (DataComp's eval_utils/wino_eval.py and download_evalsets.py).
 _WINOGAVIL = (
     "not computed here: DataComp has no WebDataset export of it (it loads the Hugging Face dataset "
     "nlphuji/winogavil with `datasets`), and its samples (a cue word, 5-12 candidate images, the associated "
