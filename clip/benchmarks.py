@@ -17,6 +17,8 @@ are the benchmark's, in the benchmark's label order:
   (lowercased), in folder order, with ImageNet's templates: CLIP_benchmark's protocol.
 - The CLIP paper's other datasets (`CLIP_PAPER_SECTIONS`): CLIP_benchmark's WebDataset export
   (`wds_<name>/`), which carries its class names in label order; its templates, else OpenAI's.
+- DataComp's tasks scored with per-sample metadata (`iwildcam`, `fmow`, `geode`, `dollar_street`):
+  DataComp's export, whose `npy` rows give each sample's groups (`clip.group_metrics`).
 
 A CLIP_benchmark export of any of them is read as it is (`clip.data.eval_datasets.load_export`),
 with a check that its class count is the benchmark's.
@@ -46,6 +48,7 @@ from clip.data.eval_datasets import (
     load_classification_set,
     load_export,
 )
+from clip.group_metrics import METADATA_TASKS
 
 # The CLIP paper reports mean per-class recall for these (Radford et al. 2021, appendix A.2); DataComp too.
 _MEAN_PER_CLASS = {"fgvc_aircraft", "pets", "caltech101", "flowers"}
@@ -158,7 +161,19 @@ _RETRIEVAL = [
     Benchmark(name, None, "image_retrieval_recall@5", (name, f"wds_{name}"))
     for name in ("mscoco_captions", "flickr30k", "flickr8k")
 ]
-BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in [*_IMAGENET_FAMILY, *_CIFAR, *_CLIP_PAPER, *_RETRIEVAL]}
+# DataComp's tasks with metadata, in the directories its download script writes (class counts: its tasklist).
+_METADATA = [
+    Benchmark(name, count, METADATA_TASKS[name].main_metric, (directory,))
+    for name, count, directory in (
+        ("iwildcam", 182, "wds_wilds-iwildcam_test"),
+        ("fmow", 62, "wds_wilds-fmow_test"),
+        ("geode", 40, "wds_geode_test"),
+        ("dollar_street", 58, "wds_dollar_street_test"),
+    )
+]
+BENCHMARKS: dict[str, Benchmark] = {
+    b.name: b for b in [*_IMAGENET_FAMILY, *_CIFAR, *_CLIP_PAPER, *_RETRIEVAL, *_METADATA]
+}
 
 
 def get_benchmark(name: str) -> Benchmark:
@@ -171,7 +186,8 @@ def load_benchmark(
     name: str, path: str | Path, transform: Transform, *, split: str = "test"
 ) -> ClassificationSet | RetrievalSet:
     """Benchmark `name` read from `path`: its release layout (ImageNet family), torchvision's CIFAR files,
-    or CLIP_benchmark's WebDataset export. The set is named `name` and carries the benchmark's main metric."""
+    or CLIP_benchmark's (DataComp's) WebDataset export. The set is named `name` and carries the
+    benchmark's main metric (and, for DataComp's metadata tasks, its `metadata_task`)."""
     benchmark = get_benchmark(name)
     root = Path(path)
     if is_export(root, split):
@@ -189,4 +205,6 @@ def load_benchmark(
     if benchmark.num_classes is not None and count != benchmark.num_classes:
         raise ValueError(f"{name} at {root}: {count} classes, but {name} has {benchmark.num_classes}")
     eval_set.main_metric = benchmark.main_metric
+    if name in METADATA_TASKS:
+        eval_set.metadata_task = name
     return eval_set

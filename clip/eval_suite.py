@@ -4,12 +4,12 @@ others; each finished set goes to the results directory at once (`clip.eval_resu
 
 Suites:
 - `imagenet-shifts`: ImageNet-1k and its shifts V2, R, A, Sketch, ObjectNet, with the shifts' mean
-  main metric and its gap to ImageNet's top-1.
+  main metric, its gap to ImageNet's top-1 and, given baseline models, the effective robustness.
 - `clip-paper`: the datasets of the CLIP paper's zero-shot table that have a local layout or a
   CLIP_benchmark export, with their mean.
 - `datacomp`: DataComp's 38 evaluation tasks (its tasklist.yml, shipped as datacomp_tasks.json),
-  read from its WebDataset downloads (`wds_<task>_test/`), with DataComp's averages over the tasks
-  evaluated.
+  read from its WebDataset downloads (`wds_<task>_test/`), with their main metrics (those over
+  per-sample metadata: `clip.group_metrics`) and DataComp's averages over the tasks evaluated.
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from typing import Any
 
 from clip.benchmarks import BENCHMARKS, get_benchmark, load_benchmark
 from clip.data.eval_datasets import Transform, load_export
+from clip.robustness import IMAGENET_SHIFTS, Baseline, effective_robustness
 
 log = logging.getLogger(__name__)
 
-IMAGENET_SHIFTS = ("imagenet-v2", "imagenet-r", "imagenet-a", "imagenet-sketch", "objectnet")
 _CLIP_PAPER = (
     "imagenet1k", "cifar10", "cifar100", "food101", "sun397", "cars", "fgvc_aircraft", "dtd", "pets", "caltech101",
     "flowers", "mnist", "stl10", "eurosat", "resisc45", "gtsrb", "kitti_closest_vehicle_distance", "country211",
@@ -38,9 +38,21 @@ _CLIP_PAPER = (
 )  # fmt: skip
 # DataComp reports fairface and utkface apart from its 38-task average.
 _DATACOMP_EXCLUDED = ("fairness/fairface", "fairness/utkface")
-# DataComp's main metrics that are ours under another name; its others (worst-group accuracies,
-# macro F1, WinoGAViL's Jaccard score) are not computed here: those tasks are skipped, saying so.
+# DataComp's main metrics that are ours under another name.
 _DATACOMP_METRICS = {"acc1": "top1", "mean_per_class_recall": "mean_per_class_recall", "mean_recall@1": "mean_recall@1"}
+# Its metrics over per-sample metadata (clip.group_metrics), by task: its names say the metric, not the group.
+_DATACOMP_TASK_METRICS = {
+    "wilds/iwildcam": "macro_f1",  # F1-macro_all
+    "wilds/fmow": "worst_region_top1",  # acc_worst_region
+    "fairness/geode": "worst_region_top1",  # acc_wg, grouped by region
+    "fairness/dollar_street": "worst_income_group_top5",  # acc_top5_wg, grouped by income
+}
+# Why WinoGAViL is skipped (DataComp's eval_utils/wino_eval.py and download_evalsets.py).
+_WINOGAVIL = (
+    "not computed here: DataComp has no WebDataset export of it (it loads the Hugging Face dataset "
+    "nlphuji/winogavil with `datasets`), and its samples (a cue word, 5-12 candidate images, the associated "
+    "ones; scored by the Jaccard index of the cue's top images) are neither classification nor retrieval"
+)
 # DataComp's names for our benchmarks.
 _DATACOMP_NAMES = {"imagenet_sketch": "imagenet-sketch", "imagenetv2": "imagenet-v2"}
 # DataComp's two retrieval tasks come from Hugging Face datasets, not WebDataset; CLIP_benchmark exports them.
@@ -113,12 +125,12 @@ def _plan_datacomp(root: Path, open_benchmark: Callable[[str, Path], Any]) -> li
     planned = []
     for key, task in datacomp_tasks().items():
         name, directory = _datacomp_set(key)
-        metric = _DATACOMP_METRICS.get(task["main_metric"])
         path = root / directory
-        if metric is None:
-            reason = f"DataComp's metric {task['main_metric']} is not computed here"
-            planned.append(PlannedSet(name, str(path), None, reason))
-        elif not path.exists():
+        if key == "misc/winogavil":
+            planned.append(PlannedSet(name, "", None, f"DataComp's {task['main_metric']} is {_WINOGAVIL}"))
+            continue
+        metric = _DATACOMP_TASK_METRICS.get(key) or _DATACOMP_METRICS[task["main_metric"]]
+        if not path.exists():
             planned.append(PlannedSet(name, "", None, f"not found under {root} (looked for {directory}/)"))
         else:
             planned.append(PlannedSet(name, str(path), functools.partial(open_benchmark, name, path), "", metric))
@@ -167,8 +179,12 @@ def run_sets(
     return failed
 
 
-def summarise(suite: str, sets: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """The suite's averages over the sets it evaluated (each set's main metric), with their counts."""
+def summarise(
+    suite: str, sets: dict[str, dict[str, Any]], baselines: Sequence[Baseline] = (), say: Callable[[str], None] = print
+) -> dict[str, dict[str, float]]:
+    """The suite's averages over the sets it evaluated (each set's main metric), with their counts;
+    for `imagenet-shifts`, the effective robustness relative to `baselines` (`clip.robustness`),
+    or a line saying why it is not computed."""
     main = {
         name: entry["metrics"][entry["main_metric"]]
         for name, entry in sets.items()
@@ -183,7 +199,13 @@ def summarise(suite: str, sets: dict[str, dict[str, Any]]) -> dict[str, dict[str
             summary["shift_mean"] = sum(shifts) / len(shifts)
             if "imagenet1k" in main:
                 summary["shift_mean_minus_imagenet"] = summary["shift_mean"] - main["imagenet1k"]
-        return {"imagenet-shifts": summary}
+        if not baselines:
+            say("effective robustness not computed: it needs baseline models' accuracies (--baseline, docs/eval.md)")
+            return {"imagenet-shifts": summary}
+        robustness, skipped = effective_robustness(main, baselines)
+        for name, reason in skipped.items():
+            say(f"effective robustness on {name} not computed: {reason}")
+        return {"imagenet-shifts": summary, **({"effective-robustness": robustness} if robustness else {})}
     if suite == "datacomp":  # each group's mean over its tasks evaluated, and how many of how many
         summaries = {}
         for group, members in _datacomp_groups().items():

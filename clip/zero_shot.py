@@ -267,7 +267,8 @@ def evaluate_zero_shot(
     Call it on every rank (or in a single process). Returns `eval/<name>_top1`, `_top5`,
     `_mean_per_class_recall`, `_num_samples`, the same on every rank. `classifier` [E, C] skips
     the text encoding (e.g. from a previous call with the same text tower). A `predictions` dict
-    receives the per-sample `top1` class and `target` (CPU, dataset order), e.g. for paired comparisons.
+    receives the per-sample `top1` class, `topk` classes [N, min(5, C)] (best first) and `target`
+    (CPU, dataset order), e.g. for paired comparisons and group metrics.
     """
     device = _device_of(model, device)
     if classifier is None:
@@ -293,7 +294,7 @@ def evaluate_zero_shot(
     empty = torch.zeros(0, dtype=torch.long, device=device)
     _, top, target = _gather_in_order(_cat(keys, empty), _cat(tops, empty.view(0, k)), _cat(labels, empty))
     if predictions is not None:
-        predictions.update(top1=top[:, 0].cpu(), target=target.cpu())
+        predictions.update(top1=top[:, 0].cpu(), topk=top.cpu(), target=target.cpu())
     try:
         metrics = _topk_metrics(top, target, len(classnames))
     except ValueError as error:  # which set: the trainer and the script evaluate several

@@ -15,6 +15,8 @@
     python scripts/zero_shot.py --model ViT-B/32 --benchmark imagenet-r --data /data/imagenet-r
     # a suite: every benchmark found under a data root, one results directory
     python scripts/zero_shot.py --model ViT-B/32 --suite imagenet-shifts --data /data --output results/vitb32
+    # with effective robustness, relative to baseline models evaluated the same way
+    python scripts/zero_shot.py --model mine --suite imagenet-shifts --data /data --baseline results/rn50 results/rn101
     # two runs side by side, with paired bootstrap intervals on the differences
     python scripts/zero_shot.py --compare results/vitb32 results/mine
 
@@ -47,9 +49,11 @@ from clip.data.eval_datasets import (
 )
 from clip.eval_results import ResultsDirectory, compare, data_fingerprint, file_sha256
 from clip.eval_suite import PlannedSet, open_named, plan_suite, run_sets, summarise
+from clip.group_metrics import evaluate_metadata_task
 from clip.linear_probe import FEATURES, check_disjoint, evaluate_linear_probe
 from clip.models.weights import CheckpointError
 from clip.multilabel import evaluate_multilabel
+from clip.robustness import read_baselines
 from clip.tokenizer import get_tokenizer
 from clip.zero_shot import evaluate_retrieval, evaluate_zero_shot
 
@@ -76,6 +80,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="read the one --data as this published benchmark (docs/eval.md lists them)",
     )
     parser.add_argument("--suite", choices=SUITES, help="every benchmark of a suite found under the --data root")
+    parser.add_argument(
+        "--baseline",
+        nargs="+",
+        metavar="PATH",
+        help="--suite imagenet-shifts: baseline models' accuracies for effective robustness, as results "
+        "directories or CSV files (docs/eval.md)",
+    )
     parser.add_argument(
         "--compare", nargs="+", metavar="DIR", help="print two or more results directories side by side, and exit"
     )
@@ -151,6 +162,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{option} needs exactly one --data")
     if args.suite and (args.benchmark or args.name or args.task != "zero-shot"):
         parser.error("--suite runs zero-shot benchmarks by their own names: no --benchmark, --name or --task")
+    if args.baseline and args.suite != "imagenet-shifts":
+        parser.error("--baseline (effective robustness) goes with --suite imagenet-shifts")
     if args.fewshot_k is not None and (args.task != "linear-probe" or args.fewshot_k < 1 or args.seeds < 1):
         parser.error("--fewshot-k K --seeds N need --task linear-probe, K >= 1 and N >= 1")
     return args
@@ -274,6 +287,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         "autocast_dtype": PRECISIONS[args.precision],
         "progress": True,
     }
+    try:  # read before any set is evaluated, so that a bad baseline fails at once
+        baselines = read_baselines(args.baseline) if args.baseline else []
+    except (FileNotFoundError, ValueError) as error:
+        sys.exit(f"error: {error}")
     planned = _plan(args, preprocess)
     header = {
         "model": args.model,
@@ -286,6 +303,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         "context_length": model.config.text.context_length,
         "data": args.data,
         "suite": args.suite,
+        "baseline": args.baseline,
     }
     if args.task == "linear-probe":  # encoded at --precision, fit in float64
         header.update(
@@ -336,6 +354,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             main_metric = eval_set.main_metric
         prefix = f"eval/{eval_set.name}_"
         metrics = {key.removeprefix(prefix): value for key, value in metrics.items()}
+        if getattr(eval_set, "metadata_task", None):  # DataComp's group metrics (clip.group_metrics)
+            metrics.update(evaluate_metadata_task(eval_set.metadata_task, eval_set.dataset, predictions))
         if "image_retrieval_recall@1" in metrics:  # DataComp's retrieval metric
             metrics["mean_recall@1"] = (metrics["image_retrieval_recall@1"] + metrics["text_retrieval_recall@1"]) / 2
         classnames = getattr(eval_set, "classnames", None)
@@ -350,11 +370,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             "fingerprint": fingerprint,
             "templates": getattr(eval_set, "templates", None),
         }
-        results.add_set(eval_set.name, metrics, record, predictions or None)
+        saved = {key: predictions[key] for key in ("top1", "target")} if predictions else None  # what --compare reads
+        results.add_set(eval_set.name, metrics, record, saved)
 
     failed = run_sets(planned, evaluate_one, skip=results.skip, fail=results.fail)
     if args.suite:
-        for name, values in summarise(args.suite, results.payload["sets"]).items():
+        for name, values in summarise(args.suite, results.payload["sets"], baselines).items():
             results.add_summary(name, values)
     table = {name: entry["metrics"] for name, entry in results.payload["sets"].items()}
     print(format_table({**table, **results.payload["summaries"]}))

@@ -72,7 +72,12 @@ def test_datacomp_suite_finds_its_downloads_and_names_what_it_cannot_compute(tmp
     caltech.open()
     assert opened == [("caltech101", tmp_path / "wds_vtab-caltech101_test")]
     assert planned["imagenet-sketch"].reason == f"not found under {tmp_path} (looked for wds_imagenet_sketch_test/)"
-    assert "F1-macro_all is not computed here" in planned["iwildcam"].reason
+    assert planned["iwildcam"].reason.endswith("(looked for wds_wilds-iwildcam_test/)")
+    assert planned["winogavil"].open is None and "no WebDataset export of it" in planned["winogavil"].reason
+    # Every other task has one of our metrics, its benchmark's where it is one (tests/test_group_metrics.py).
+    (tmp_path / "wds_dollar_street_test").mkdir()
+    dollar = plan_suite("datacomp", tmp_path, lambda name, path: None)
+    assert next(p for p in dollar if p.name == "dollar_street").main_metric == "worst_income_group_top5"
     assert planned["mscoco_captions"].reason.endswith("(looked for wds_mscoco_captions/)")
     # DataComp's averages: each over the tasks evaluated, saying how many of how many
     entry = {"main_metric": "top1", "metrics": {"top1": 0.5}}

@@ -58,6 +58,7 @@ class ClassificationSet:
     path: str = ""  # where it was read from (the results' record of it)
     main_metric: str = "top1"  # the metric its benchmark reports
     multilabel: bool = False  # targets are 0/1 rows over the classes (clip.multilabel)
+    metadata_task: str | None = None  # scored with per-sample metadata too (clip.group_metrics)
 
 
 @dataclass

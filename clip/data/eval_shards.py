@@ -2,7 +2,8 @@
 webdataset: only image, `cls`, `npy` (without pickles) and `txt` members of regular files under a
 size cap are read, nothing is unpickled, unsafe members are skipped, images are decoded by
 `clip.data.decode`, and a shard without its end-of-archive marker is an error (a cut at a member
-boundary is otherwise silent)."""
+boundary is otherwise silent). `read_sample_metadata` reads the per-sample `npy` rows that DataComp's
+exports of its WILDS and fairness tasks carry beside the `cls` label."""
 
 from __future__ import annotations
 
@@ -157,3 +158,41 @@ class TarEvalDataset(IterableDataset):
         if not captions:
             raise ValueError("no captions")
         return captions
+
+
+def read_sample_metadata(dataset: TarEvalDataset) -> tuple[np.ndarray, np.ndarray]:
+    """The `cls` label [N] and `npy` metadata row [N, F] of every sample of `dataset`'s shards, in the
+    order the dataset yields its samples (shard by shard, member order), without reading the images.
+
+    A sample without both members, a row that is not 1-D or rows of different lengths are errors
+    naming the shard and sample: a group metric over incomplete metadata would be silently wrong."""
+    labels: list[int] = []
+    rows: list[np.ndarray] = []
+    for shard in dataset.shards:
+        with open(shard, "rb") as file:
+            size = os.fstat(file.fileno()).st_size
+            groups = iter_member_groups(
+                file, shard, extensions=("cls", "npy"), max_member_bytes=dataset.max_member_bytes, size=size
+            )
+            for item in groups:
+                if isinstance(item, SkipEvent):
+                    if item.reason == "truncated_shard":
+                        raise RuntimeError(f"cannot read eval shard {shard}: {item.detail}")
+                    continue
+                members = {ext: member.data for ext, member in item.members.items() if member.data is not None}
+                if "cls" not in members or "npy" not in members:
+                    raise ValueError(
+                        f"eval shard {shard}: sample {item.key!r} has no {'cls' if 'cls' not in members else 'npy'} "
+                        f"member (each sample's label and metadata row are needed for its group metrics)"
+                    )
+                row = np.load(io.BytesIO(members["npy"]), allow_pickle=False)
+                if row.ndim != 1 or (rows and len(row) != len(rows[0])):
+                    raise ValueError(
+                        f"eval shard {shard}: sample {item.key!r} has a metadata row of shape {row.shape}, "
+                        f"not ({len(rows[0]) if rows else 'F'},)"
+                    )
+                labels.append(int(members["cls"].decode("utf-8").strip()))
+                rows.append(row)
+    if not rows:
+        raise ValueError(f"eval shards {dataset.shards[:3]}: no samples with metadata")
+    return np.asarray(labels, dtype=np.int64), np.stack(rows)
