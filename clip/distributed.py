@@ -165,6 +165,28 @@ def all_gather_on_device(x: torch.Tensor) -> torch.Tensor:
     return gathered
 
 
+def all_gather_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows [n_r, ...] (counts may differ between ranks) concatenated in rank order."""
+    if not is_distributed():
+        return rows
+    world = dist.get_world_size()
+    count = torch.tensor([rows.shape[0]], device=rows.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    longest = max(int(c) for c in counts)
+    padded = rows.new_zeros((longest, *rows.shape[1:]))
+    padded[: rows.shape[0]] = rows
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded)
+    return torch.cat([part[: int(c)] for part, c in zip(gathered, counts)])
+
+
+def max_across_ranks_(tensor: torch.Tensor) -> None:
+    """In place: the elementwise maximum of `tensor` over all ranks."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+
+
 def average_across_ranks_(tensor: torch.Tensor) -> None:
     """In place: the mean of `tensor` over all ranks (a SUM all-reduce, then a division)."""
     if is_distributed():

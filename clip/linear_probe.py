@@ -33,15 +33,8 @@ from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
 from clip.data import eval_cifar, eval_shards
-from clip.zero_shot import (
-    _autocast,
-    _batches_in_lockstep,
-    _cat,
-    _device_of,
-    _eval_mode,
-    _gather_in_order,
-    classification_metrics,
-)
+from clip.eval_loop import autocast, device_of, map_images_in_order
+from clip.zero_shot import classification_metrics
 
 # Which image features the probe reads: the paper's (before the projection to the embedding), or
 # the embedding itself (what zero-shot classification compares with the text).
@@ -94,25 +87,16 @@ def extract_image_features(
     trunk's pooled output) or "projected" (`encode_image`, the embedding)."""
     if features not in FEATURES:
         raise ValueError(f"features={features!r}: expected one of {FEATURES}")
-    device = _device_of(model, device)
-    parts, labels, keys = [], [], []
-    width = 0  # every rank encodes at least one batch (a throw-away one if it has no data) unless all are empty
-    with _eval_mode(model):
-        for images, targets, batch_keys in _batches_in_lockstep(
-            dataset, batch_size=batch_size, num_workers=num_workers, device=device, progress=progress, desc=desc
-        ):
-            with _autocast(device, autocast_dtype):
-                encoded = _encode(model, images, features).float()
-            width = encoded.shape[1]
-            if batch_keys is not None:
-                parts.append(encoded)
-                labels.append(torch.as_tensor(targets, device=device))
-                keys.append(batch_keys)
-    empty = torch.zeros(0, dtype=torch.long, device=device)
-    _, gathered, labels_sorted = _gather_in_order(
-        _cat(keys, empty), _cat(parts, torch.zeros(0, width, device=device)), _cat(labels, empty)
-    )
-    return gathered, labels_sorted
+    device = device_of(model, device)
+
+    def encode(images: torch.Tensor) -> torch.Tensor:
+        with autocast(device, autocast_dtype):
+            return _encode(model, images, features).float()
+
+    return map_images_in_order(
+        model, dataset, encode, empty=torch.zeros(0, 0), batch_size=batch_size, num_workers=num_workers,
+        device=device, progress=progress, desc=desc,
+    )  # fmt: skip
 
 
 # ---- The training split must not hold the images that are scored

@@ -15,16 +15,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from clip.zero_shot import (
-    Tokenize,
-    _autocast,
-    _batches_in_lockstep,
-    _cat,
-    _device_of,
-    _eval_mode,
-    _gather_in_order,
-    build_zero_shot_classifier,
-)
+from clip.eval_loop import autocast, device_of, map_images_in_order
+from clip.zero_shot import Tokenize, build_zero_shot_classifier
 
 
 def average_precisions(scores: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,26 +54,20 @@ def evaluate_multilabel(
 ) -> dict[str, float]:
     """`eval/<name>_mean_average_precision`, `_mean_average_precision_11point`, `_num_samples` of
     `dataset` of (image, 0/1 row over the classes). Call it on every rank (or in a single process)."""
-    device = _device_of(model, device)
+    device = device_of(model, device)
     classifier = build_zero_shot_classifier(model, tokenize, classnames, templates, device=device,
                                             autocast_dtype=autocast_dtype, progress=progress)  # fmt: skip
-    scores, rows, keys = [], [], []
-    with _eval_mode(model):
-        for images, targets, batch_keys in _batches_in_lockstep(
-            dataset, batch_size=batch_size, num_workers=num_workers, device=device, progress=progress, desc=name
-        ):
-            with _autocast(device, autocast_dtype):
-                features = model.encode_image(images, normalize=True)
-            if batch_keys is None:
-                continue
-            scores.append(100.0 * features.float() @ classifier)
-            rows.append(torch.as_tensor(targets, device=device))
-            keys.append(batch_keys)
     classes = len(classnames)
-    empty = torch.zeros(0, dtype=torch.long, device=device)
-    _, score, target = _gather_in_order(
-        _cat(keys, empty), _cat(scores, torch.zeros(0, classes, device=device)), _cat(rows, empty.view(0, classes))
-    )
+
+    def scores_of(images: torch.Tensor) -> torch.Tensor:  # [B, C]
+        with autocast(device, autocast_dtype):
+            features = model.encode_image(images, normalize=True)
+        return 100.0 * features.float() @ classifier
+
+    score, target = map_images_in_order(
+        model, dataset, scores_of, empty=torch.zeros(0, classes), target_shape=(classes,), batch_size=batch_size,
+        num_workers=num_workers, device=device, progress=progress, desc=name,
+    )  # fmt: skip
     if len(target) == 0 or target.shape[1] != classes:
         raise ValueError(
             f"eval set {name!r}: {len(target)} samples with label rows of {target.shape[1]}, not {classes}"

@@ -1,11 +1,7 @@
 """Zero-shot classification and image-text retrieval of a CLIP model (linear probes: clip.linear_probe).
 
-Every evaluation runs on all ranks when torch.distributed is initialised: each rank encodes its
-share of the data, the per-sample results are gathered back into dataset order, and every rank
-returns the same metrics, equal to a single-process run. Every rank also makes the same number of
-encoder calls (a rank that has run out of data encodes a throw-away batch), so a model sharded with
-FSDP, which all-gathers weights inside each call, never waits on a rank that has stopped: no rank
-ever waits alone on a collective.
+Every evaluation runs on all ranks when torch.distributed is initialised and returns the same
+metrics on every rank, equal to a single-process run (clip.eval_loop).
 
 On the same model, data and tokenizer the metrics equal CLIP_benchmark's `zeroshot_classification`
 and `zeroshot_retrieval` (tests/test_zero_shot.py). Metric keys are `eval/<set>_<metric>`.
@@ -13,19 +9,26 @@ and `zeroshot_retrieval` (tests/test_zero_shot.py). Metric keys are `eval/<set>_
 
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from clip.data.eval_datasets import ClassificationSet, RetrievalSet
-from clip.data.eval_shards import TarEvalDataset, collate_eval_batch
+from clip.distributed import all_gather_rows, get_rank, get_world_size
+from clip.eval_loop import (
+    autocast,
+    batches_in_lockstep,
+    cat_or_empty,
+    device_of,
+    eval_mode,
+    gather_in_order,
+    map_images_in_order,
+)
 from clip.models.clip import CLIP
 from clip.models.text_packing import pack_text
 
@@ -44,123 +47,6 @@ def format_prompt(template: str, classname: str) -> str:
         if placeholder in template:
             return template.replace(placeholder, classname)
     raise ValueError(f"prompt template {template!r} has no '{{}}' or '{{c}}' placeholder")
-
-
-# ---------------------------------------------------------------------------------------------
-# Running on all ranks
-
-
-def _rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _gather_rows(rows: torch.Tensor) -> torch.Tensor:
-    """Every rank's rows (counts may differ between ranks) concatenated in rank order."""
-    _, world = _rank_and_world()
-    if world == 1:
-        return rows
-    count = torch.tensor([rows.shape[0]], device=rows.device)
-    counts = [torch.zeros_like(count) for _ in range(world)]
-    dist.all_gather(counts, count)
-    longest = max(int(c) for c in counts)
-    padded = rows.new_zeros((longest, *rows.shape[1:]))
-    padded[: rows.shape[0]] = rows
-    gathered = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(gathered, padded)
-    return torch.cat([part[: int(c)] for part, c in zip(gathered, counts)])
-
-
-def _gather_in_order(keys: torch.Tensor, *columns: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """All ranks' (keys, columns...) sorted by key: the order a single process would have seen."""
-    all_keys = _gather_rows(keys)
-    order = torch.sort(all_keys, stable=True).indices
-    return (all_keys[order], *(_gather_rows(column)[order] for column in columns))
-
-
-def _cat(parts: list[torch.Tensor], empty: torch.Tensor) -> torch.Tensor:
-    # A rank may get no samples at all (fewer samples or shards than ranks).
-    return torch.cat(parts) if parts else empty
-
-
-def _batches_in_lockstep(
-    dataset: Dataset, *, batch_size: int, num_workers: int, device: torch.device, progress: bool, desc: str
-) -> Iterator[tuple[torch.Tensor, Any, torch.Tensor | None]]:
-    """This rank's share of `dataset` as (images, targets, keys), then (throw-away images, None,
-    None) until every rank is done, so that all ranks make the same number of encoder calls.
-
-    Rank r takes indices r, r + world, ... of a map-style dataset and shards r, r + world, ... of a
-    `TarEvalDataset`; any other iterable dataset must split itself across ranks. Keys sort samples
-    into single-process order: the dataset index for map-style datasets, (rank, position) otherwise.
-    """
-    rank, world = _rank_and_world()
-    if isinstance(dataset, IterableDataset):
-        local = dataset.for_rank(rank, world) if isinstance(dataset, TarEvalDataset) else dataset
-        first_key, key_step, num_batches = rank << 40, 1, None
-    else:
-        local = Subset(dataset, range(rank, len(dataset), world))
-        first_key, key_step, num_batches = rank, world, math.ceil(len(local) / batch_size)
-    loader = DataLoader(
-        local,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        collate_fn=collate_eval_batch,
-        pin_memory=device.type == "cuda",
-    )
-    batches = iter(loader)
-    position = 0
-    with tqdm(total=num_batches, desc=desc, unit="batch", disable=not progress or rank != 0) as bar:
-        while True:
-            batch, error = None, None
-            try:
-                batch = next(batches, None)
-            except Exception as caught:  # e.g. an unreadable shard: every rank must stop, not wait
-                error = caught
-            # [failed, has a batch, C, H, W]: one MAX over ranks tells every rank whether any rank
-            # failed or still has data, and gives a rank without data the shape of its throw-away batch.
-            state = torch.zeros(5, dtype=torch.long, device=device)
-            state[0] = error is not None
-            if batch is not None:
-                state[1] = 1
-                state[2:] = torch.tensor(batch[0].shape[1:])
-            if world > 1:
-                dist.all_reduce(state, op=dist.ReduceOp.MAX)
-            if error is not None:
-                raise error
-            if state[0].item():
-                raise RuntimeError(f"evaluation of {desc!r} failed on another rank (its log names the cause)")
-            if state[1].item() == 0:
-                return
-            if batch is None:
-                yield torch.zeros(1, *state[2:].tolist(), device=device), None, None
-                continue
-            images, targets = batch
-            keys = first_key + key_step * torch.arange(position, position + len(images), device=device)
-            position += len(images)
-            bar.update(1)
-            yield images.to(device, non_blocking=True), targets, keys
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    # The trainer calls these hooks mid-run: give every module back its own mode (model.train()
-    # would also switch a locked tower that the trainer keeps in eval mode).
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
-
-
-def _device_of(model: nn.Module, device: torch.device | str | None) -> torch.device:
-    return torch.device(device) if device is not None else next(model.parameters()).device
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,21 +83,21 @@ def build_zero_shot_classifier(
         raise ValueError(f"need class names and templates, got {len(classnames)} and {len(templates)}")
     for template in templates:
         format_prompt(template, "")  # a bad template fails here, before any encoding
-    device = _device_of(model, device)
-    rank, world = _rank_and_world()
+    device = device_of(model, device)
+    rank, world = get_rank(), get_world_size()
     per_rank = math.ceil(len(classnames) / world)
     # Past the last class a rank encodes it again and drops it: equal encoder calls per rank.
     indices = [min(index, len(classnames) - 1) for index in range(rank * per_rank, (rank + 1) * per_rank)]
     classes_per_call = max(1, prompts_per_call // len(templates))
     rows = []
-    with _eval_mode(model), _autocast(device, autocast_dtype):
+    with eval_mode(model), autocast(device, autocast_dtype):
         starts = range(0, per_rank, classes_per_call)
         for start in tqdm(starts, desc="classifier", unit="call", disable=not progress or rank != 0):
             block = [classnames[index] for index in indices[start : start + classes_per_call]]
             prompts = [format_prompt(template, classname) for classname in block for template in templates]
             embeddings = _encode_text(model, tokenize(prompts), device)  # [classes x templates, E]
             rows.append(F.normalize(embeddings.view(len(block), len(templates), -1).mean(dim=1), dim=-1))
-    weights = _gather_rows(torch.cat(rows))[: len(classnames)]  # [C, E]
+    weights = all_gather_rows(torch.cat(rows))[: len(classnames)]  # [C, E]
     return weights.t()
 
 
@@ -270,29 +156,24 @@ def evaluate_zero_shot(
     receives the per-sample `top1` class, `topk` classes [N, min(5, C)] (best first) and `target`
     (CPU, dataset order), e.g. for paired comparisons and group metrics.
     """
-    device = _device_of(model, device)
+    device = device_of(model, device)
     if classifier is None:
         classifier = build_zero_shot_classifier(
             model, tokenize, classnames, templates, device=device, autocast_dtype=autocast_dtype, progress=progress
         )
     k = min(max(TOPK), len(classnames))
-    tops, labels, keys = [], [], []
-    with _eval_mode(model):
-        for images, targets, batch_keys in _batches_in_lockstep(
-            dataset, batch_size=batch_size, num_workers=num_workers, device=device, progress=progress, desc=name
-        ):
-            with _autocast(device, autocast_dtype):
-                features = model.encode_image(images, normalize=True)
-            if batch_keys is None:
-                continue
-            # OpenAI's notebook and CLIP_benchmark scale by 100; a scale cannot change the ranking
-            # except through rounding, which this keeps identical to theirs.
-            logits = 100.0 * features.float() @ classifier  # [B, C]
-            tops.append(logits.topk(k, dim=1).indices)
-            labels.append(torch.as_tensor(targets, device=device))
-            keys.append(batch_keys)
-    empty = torch.zeros(0, dtype=torch.long, device=device)
-    _, top, target = _gather_in_order(_cat(keys, empty), _cat(tops, empty.view(0, k)), _cat(labels, empty))
+
+    def top_classes(images: torch.Tensor) -> torch.Tensor:  # [B, k], best first
+        with autocast(device, autocast_dtype):
+            features = model.encode_image(images, normalize=True)
+        # OpenAI's notebook and CLIP_benchmark scale by 100; a scale cannot change the ranking
+        # except through rounding, which this keeps identical to theirs.
+        return (100.0 * features.float() @ classifier).topk(k, dim=1).indices
+
+    top, target = map_images_in_order(
+        model, dataset, top_classes, empty=torch.zeros(0, k, dtype=torch.long), batch_size=batch_size,
+        num_workers=num_workers, device=device, progress=progress, desc=name,
+    )  # fmt: skip
     if predictions is not None:
         predictions.update(top1=top[:, 0].cpu(), topk=top.cpu(), target=target.cpu())
     try:
@@ -353,15 +234,15 @@ def evaluate_retrieval(
     `eval/<name>_text_retrieval_recall@k`, `_num_images`, `_num_texts`, the same on every rank.
     The score matrix is [texts, images] floats on every rank (COCO 5k: 25k x 5k, 0.5 GB).
     """
-    device = _device_of(model, device)
+    device = device_of(model, device)
     image_parts, image_keys, text_parts, text_keys = [], [], [], []
-    with _eval_mode(model):
-        for images, captions, batch_keys in _batches_in_lockstep(
+    with eval_mode(model):
+        for images, captions, batch_keys in batches_in_lockstep(
             dataset, batch_size=batch_size, num_workers=num_workers, device=device, progress=progress, desc=name
         ):
             captions = [[""]] if batch_keys is None else [[c] if isinstance(c, str) else list(c) for c in captions]
             tokens = tokenize([caption for per_image in captions for caption in per_image])
-            with _autocast(device, autocast_dtype):
+            with autocast(device, autocast_dtype):
                 image_features = model.encode_image(images, normalize=True).float()  # [B, E]
                 text_features = _encode_text(model, tokens, device)  # [sum of captions, E]
             if batch_keys is None:
@@ -373,8 +254,12 @@ def evaluate_retrieval(
             text_keys.append(batch_keys.repeat_interleave(counts))
     empty_keys = torch.zeros(0, dtype=torch.long, device=device)
     empty_features = torch.zeros(0, _embed_dim(model), device=device)
-    image_keys_sorted, images_sorted = _gather_in_order(_cat(image_keys, empty_keys), _cat(image_parts, empty_features))
-    text_keys_sorted, texts_sorted = _gather_in_order(_cat(text_keys, empty_keys), _cat(text_parts, empty_features))
+    image_keys_sorted, images_sorted = gather_in_order(
+        cat_or_empty(image_keys, empty_keys), cat_or_empty(image_parts, empty_features)
+    )
+    text_keys_sorted, texts_sorted = gather_in_order(
+        cat_or_empty(text_keys, empty_keys), cat_or_empty(text_parts, empty_features)
+    )
     if len(images_sorted) == 0:
         raise ValueError(f"retrieval set {name!r} has no samples")
     text_image_index = torch.searchsorted(image_keys_sorted, text_keys_sorted)
