@@ -8,6 +8,7 @@ import os
 import random
 import tarfile
 import zlib
+from collections import Counter
 
 import torch
 from PIL import Image
@@ -95,3 +96,15 @@ def data_config(shards: str, **overrides) -> DataConfig:
     fields = dict(train_shards=shards, num_workers=0, shuffle_buffer=16, interleave_shards=2)
     fields.update(overrides)
     return DataConfig(**fields)
+
+
+def collect(loader, limit=None):
+    """(keys per batch, images per batch, summed skip counts)."""
+    keys, images, skipped = [], [], Counter()
+    for i, batch in enumerate(loader):
+        keys.append(list(batch.keys))
+        images.append(batch.images.clone())
+        skipped.update(batch.skipped)
+        if limit is not None and i + 1 == limit:
+            break
+    return keys, images, skipped

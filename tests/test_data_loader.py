@@ -12,6 +12,7 @@ import pytest
 import torch
 from data_shards import (
     add_member,
+    collect,
     data_config,
     loader_kwargs,
     make_shards,
@@ -24,18 +25,6 @@ from data_shards import (
 
 from clip.data import DataError, build_train_loader
 from clip.transforms import OPENAI_MEAN, OPENAI_STD, image_transform_eval, image_transform_train
-
-
-def collect(loader, limit=None):
-    """(keys per batch, images per batch, summed skip counts)."""
-    keys, images, skipped = [], [], Counter()
-    for i, batch in enumerate(loader):
-        keys.append(list(batch.keys))
-        images.append(batch.images.clone())
-        skipped.update(batch.skipped)
-        if limit is not None and i + 1 == limit:
-            break
-    return keys, images, skipped
 
 
 def flat(batches):

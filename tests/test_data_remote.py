@@ -9,25 +9,13 @@ from collections import Counter
 
 import pytest
 import torch
-from data_shards import data_config, loader_kwargs, make_shards, member_offsets, write_sizes
+from data_shards import collect, data_config, loader_kwargs, make_shards, member_offsets, write_sizes
 from remote_servers import FileServer, S3Server
 
 from clip.config import DataConfig
 from clip.data import DataConfigError, build_train_loader, check_train_data, remote
 from clip.data.remote import redact
 from clip.data.sources import resolve_sources
-
-
-def collect(loader, limit=None):
-    """(keys per batch, images per batch, summed skip counts)."""
-    keys, images, skipped = [], [], Counter()
-    for i, batch in enumerate(loader):
-        keys.append(list(batch.keys))
-        images.append(batch.images.clone())
-        skipped.update(batch.skipped)
-        if limit is not None and i + 1 == limit:
-            break
-    return keys, images, skipped
 
 
 def same_images(a, b) -> bool:
