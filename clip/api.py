@@ -49,7 +49,7 @@ from clip.models.convert import (
 )
 from clip.models.export import check_model_config
 from clip.models.registry import get_model_config, list_models
-from clip.models.weights import CheckpointError, CheckpointMismatchError, load_weights
+from clip.models.weights import CheckpointError, CheckpointMismatchError, file_sha256, load_weights
 from clip.transforms import image_transform_eval, image_transform_train
 
 logger = logging.getLogger(__name__)
@@ -297,20 +297,12 @@ def _resolve_weights(name: PathLike, download_root: Optional[PathLike]) -> Path:
     raise FileNotFoundError(f"{name!r} is neither a file, an hf-hub: name, nor one of {available_models()}")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _fetch_openai_weights(name: str, root: Path) -> Path:
     url = _OPENAI_URLS[name]
     expected_sha256, filename = url.split("/")[-2:]
     target = root / filename
     if target.is_file():
-        actual = _sha256(target)
+        actual = file_sha256(target)
         if actual != expected_sha256:
             raise CheckpointError(
                 f"{target} has sha256 {actual}, expected {expected_sha256} (incomplete or altered file); "

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from clip.distributed import all_ranks_agree, barrier
-from clip.models.weights import load_torch_file
+from clip.models.weights import file_sha256, load_torch_file
 
 logger = logging.getLogger(__name__)
 
@@ -220,11 +220,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _file_digest(path: Path) -> dict[str, Any]:
-    sha256 = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            sha256.update(block)
-    return {"sha256": sha256.hexdigest(), "bytes": path.stat().st_size}
+    return {"sha256": file_sha256(path), "bytes": path.stat().st_size}
 
 
 def _reach(phase: str, fault_phase: str) -> None:

@@ -31,15 +31,6 @@ def _atomic_write(path: Path, data: str | bytes) -> None:
     os.replace(temporary, path)
 
 
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file, streamed (the checkpoint's hash in the results)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def data_fingerprint(dataset: Any, root: str) -> str:
     """A hash of what a set reads: its files relative to `root` with their labels (image folders,
     caption files), its shards' names and sizes, or CIFAR's arrays. Equal hashes: the same data."""

@@ -47,11 +47,11 @@ from clip.data.eval_datasets import (
     load_retrieval_set,
     split_named_path,
 )
-from clip.eval_results import ResultsDirectory, compare, data_fingerprint, file_sha256
+from clip.eval_results import ResultsDirectory, compare, data_fingerprint
 from clip.eval_suite import PlannedSet, open_named, plan_suite, run_sets, summarise
 from clip.group_metrics import evaluate_metadata_task
 from clip.linear_probe import FEATURES, check_disjoint, evaluate_linear_probe
-from clip.models.weights import CheckpointError
+from clip.models.weights import CheckpointError, file_sha256
 from clip.multilabel import evaluate_multilabel
 from clip.robustness import read_baselines
 from clip.tokenizer import get_tokenizer

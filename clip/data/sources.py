@@ -145,6 +145,11 @@ def _directory(url: str) -> str:
     return url.rsplit("/", 1)[0] if is_remote(url) else os.path.dirname(os.path.abspath(local_path(url)))
 
 
+def _beside(url: str, name: str) -> str:
+    """`name` (a relative path) in the directory of `url`, a local path or a remote URL."""
+    return f"{_directory(url)}/{name}" if is_remote(url) else os.path.join(_directory(url), name)
+
+
 def _tar_urls(spec: str, cfg: DataConfig) -> list[tuple[str, str]]:
     """(url, origin) pairs of one source: brace patterns, and `.txt` list files expanded in place."""
     result = []
@@ -160,7 +165,7 @@ def _tar_urls(spec: str, cfg: DataConfig) -> list[tuple[str, str]]:
                 for url in _expand_config_pattern(line, f"data.train_shards ({path})"):
                     _check_url(url, f"data.train_shards ({path})", cfg)
                     if "://" not in url and not os.path.isabs(url):  # relative to the list file
-                        url = f"{_directory(path)}/{url}" if is_remote(path) else os.path.join(_directory(path), url)
+                        url = _beside(path, url)
                     result.append((url, path))
         else:
             _check_url(pattern, "data.train_shards", cfg)
@@ -203,8 +208,7 @@ def _sample_counts(urls: list[str], cfg: DataConfig) -> list[Optional[int]]:
             continue
         directory = _directory(url)
         if directory not in beside:  # one read per directory, remote ones included
-            manifest = f"{directory}/{MANIFEST_NAME}" if is_remote(url) else os.path.join(directory, MANIFEST_NAME)
-            beside[directory] = _load_manifest(manifest, "data.train_manifest")
+            beside[directory] = _load_manifest(_beside(url, MANIFEST_NAME), "data.train_manifest")
         found = beside[directory]
         counts.append(found.get(name) if found is not None else None)
     return counts

@@ -8,6 +8,7 @@ the file size before any tensor is read. TorchScript archives have their own rea
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -43,6 +44,15 @@ class CheckpointMismatchError(CheckpointError):
 
 
 # --------------------------------------------------------------------------------------------- readers
+
+
+def file_sha256(path: PathLike) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks (never the whole file in memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while block := file.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def load_torch_file(path: PathLike) -> Any:
