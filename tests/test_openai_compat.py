@@ -208,6 +208,15 @@ def test_openai_notebook_idioms_run_unedited(openai_download_root):
     assert namespace["decoded"] == expected and namespace["decoded"].startswith("<|startoftext|>hello world ! ")
     assert namespace["similarity"].shape == (1, 1)
     assert namespace["text_probs"].shape == (1, 5) and torch.allclose(namespace["text_probs"].sum(), torch.tensor(1.0))
+    # Against OpenAI's own function (the archive's traced forward): its logits over its temperature are
+    # the cosines. Float32 cosines agree to ~1e-6; 100 x that bounds the logits of text_probs' softmax.
+    reference, image = openai_download_root, namespace["image_input"]
+    with torch.no_grad():
+        scale = model.logit_scale.exp()
+        cosine = reference(image, namespace["tokens"])[1] / scale  # [texts, images], as `similarity`
+        cosines = reference(image, namespace["text_tokens"])[0] / scale  # [images, texts]
+    assert np.allclose(namespace["similarity"], cosine.numpy(), rtol=0, atol=1e-5)
+    assert torch.allclose(namespace["text_probs"], (100.0 * cosines).softmax(dim=-1), rtol=0, atol=1e-3)
     assert sorted(namespace["top_labels"][0].tolist()) == [0, 1, 2, 3, 4]
     rebuilt = namespace["rebuilt"]
     with torch.no_grad():
